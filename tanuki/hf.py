@@ -1,0 +1,389 @@
+"""Hugging Face interop: the one place that knows Hugging Face weight names.
+
+* :func:`export_hf` writes a tanuki state dict as a ``LlamaForCausalLM`` directory (``config.json``,
+  ``generation_config.json``, safetensors, sharded above ``max_shard_size`` with an index file, and the
+  tokenizer files when given) that ``AutoModelForCausalLM.from_pretrained`` loads with no custom code.
+* :func:`load_hf` / :func:`import_hf` read a Hugging Face Llama directory (GQA included) back into a
+  tanuki :class:`~tanuki.config.ModelConfig` and state dict, for continued pretraining or fine-tuning.
+
+Both directions are exact renames: tanuki's rotary uses the same half-split layout as HF Llama, so no
+q/k permutation is needed (Meta's original interleaved checkpoints are converted by transformers' own
+script before they reach this module).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Mapping, Optional
+
+import torch
+
+from tanuki.config import ModelConfig
+
+#: tanuki parameter name -> HF LlamaForCausalLM name. ``{i}`` is the layer index.
+_LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "attn.wq.weight": "self_attn.q_proj.weight",
+    "attn.wk.weight": "self_attn.k_proj.weight",
+    "attn.wv.weight": "self_attn.v_proj.weight",
+    "attn.wo.weight": "self_attn.o_proj.weight",
+    "mlp_norm.weight": "post_attention_layernorm.weight",
+    "mlp.w_gate.weight": "mlp.gate_proj.weight",
+    "mlp.w_up.weight": "mlp.up_proj.weight",
+    "mlp.w_down.weight": "mlp.down_proj.weight",
+}
+_TOP_NAMES = {
+    "embed.weight": "model.embed_tokens.weight",
+    "norm.weight": "model.norm.weight",
+    "head.weight": "lm_head.weight",
+}
+#: tanuki module path -> HF module name, as PEFT ``target_modules`` name them.
+HF_MODULE_NAMES = {
+    "attn.wq": "q_proj",
+    "attn.wk": "k_proj",
+    "attn.wv": "v_proj",
+    "attn.wo": "o_proj",
+    "mlp.w_gate": "gate_proj",
+    "mlp.w_up": "up_proj",
+    "mlp.w_down": "down_proj",
+}
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "chat_template.jinja",
+)
+
+_LAYER_RE = re.compile(r"^layers\.(\d+)\.(.+)$")
+_HF_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+
+
+class HFFormatError(ValueError):
+    """A Hugging Face directory that tanuki cannot read; the message names the file."""
+
+
+def to_hf_name(name: str) -> str:
+    """HF name of a tanuki parameter (``layers.3.attn.wq.weight`` -> ``model.layers.3.self_attn.q_proj.weight``)."""
+    if name in _TOP_NAMES:
+        return _TOP_NAMES[name]
+    m = _LAYER_RE.match(name)
+    if m and m.group(2) in _LAYER_NAMES:
+        return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}"
+    raise KeyError(f"no Hugging Face name for tanuki parameter '{name}'")
+
+
+_TOP_INV = {v: k for k, v in _TOP_NAMES.items()}
+_LAYER_INV = {v: k for k, v in _LAYER_NAMES.items()}
+
+
+def from_hf_name(name: str) -> str:
+    """Inverse of :func:`to_hf_name`."""
+    if name in _TOP_INV:
+        return _TOP_INV[name]
+    m = _HF_LAYER_RE.match(name)
+    if m and m.group(2) in _LAYER_INV:
+        return f"layers.{m.group(1)}.{_LAYER_INV[m.group(2)]}"
+    raise KeyError(f"no tanuki name for Hugging Face tensor '{name}'")
+
+
+# --------------------------------------------------------------------------------------------------
+# Configs
+# --------------------------------------------------------------------------------------------------
+
+
+def hf_config_dict(
+    cfg: ModelConfig,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    bos_token_id: Optional[int] = None,
+    eos_token_id: Optional[int] = None,
+    pad_token_id: Optional[int] = None,
+) -> dict:
+    """``config.json`` contents of a ``LlamaForCausalLM`` with tanuki's shape."""
+    from transformers import LlamaConfig
+
+    hf = LlamaConfig(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.dim,
+        intermediate_size=cfg.ffn_dim,
+        num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.n_kv_heads,
+        head_dim=cfg.attn_head_dim,
+        max_position_embeddings=cfg.max_seq_len,
+        rms_norm_eps=cfg.norm_eps,
+        rope_theta=cfg.rope_theta,
+        hidden_act="silu",
+        attention_bias=False,
+        mlp_bias=False,
+        tie_word_embeddings=False,
+        initializer_range=cfg.init_std,
+        bos_token_id=bos_token_id,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+    )
+    d = hf.to_dict()
+    d["architectures"] = ["LlamaForCausalLM"]
+    d["torch_dtype"] = d["dtype"] = str(dtype).removeprefix("torch.")
+    # transformers >= 5 stores the base in ``rope_parameters``; older readers (transformers 4, vLLM
+    # builds pinned to it) look for ``rope_theta``. Write both, they agree.
+    d["rope_theta"] = float(cfg.rope_theta)
+    return d
+
+
+def model_config_from_hf(hf: Mapping, source: str = "config.json") -> ModelConfig:
+    """tanuki's :class:`ModelConfig` for a HF Llama ``config.json`` (rejecting what tanuki cannot run)."""
+    model_type = hf.get("model_type")
+    if model_type != "llama":
+        archs = hf.get("architectures")
+        raise HFFormatError(
+            f"{source}: not a Llama model (model_type={model_type!r}, architectures={archs}); "
+            "tanuki imports LlamaForCausalLM checkpoints"
+        )
+    for key, expected in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
+        if key in hf and hf[key] != expected:
+            raise HFFormatError(f"{source}: {key}={hf[key]!r} is not supported (tanuki's Llama has {expected!r})")
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, Mapping) else "default"
+    if rope_type != "default":
+        raise HFFormatError(f"{source}: rope scaling {rope_type!r} is not supported (only the default rotary)")
+    theta = hf.get("rope_theta")
+    if theta is None and isinstance(rope, Mapping):
+        theta = rope.get("rope_theta")
+    n_heads = hf["num_attention_heads"]
+    head_dim = hf.get("head_dim")
+    if head_dim is not None and head_dim == hf["hidden_size"] // n_heads and hf["hidden_size"] % n_heads == 0:
+        head_dim = None
+    return ModelConfig(
+        n_layers=hf["num_hidden_layers"],
+        dim=hf["hidden_size"],
+        n_heads=n_heads,
+        n_kv_heads=hf.get("num_key_value_heads") or n_heads,
+        ffn_dim=hf["intermediate_size"],
+        vocab_size=hf["vocab_size"],
+        head_dim=head_dim,
+        max_seq_len=hf.get("max_position_embeddings", 4096),
+        rope_theta=float(theta if theta is not None else 10000.0),
+        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        init_std=float(hf.get("initializer_range", 0.02)),
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Export
+# --------------------------------------------------------------------------------------------------
+
+
+def to_hf_state_dict(state_dict: Mapping[str, torch.Tensor], dtype: Optional[torch.dtype] = None) -> dict:
+    """Rename (and optionally cast) a tanuki state dict to HF names. Non-parameter entries are dropped."""
+    out = {}
+    for name, t in state_dict.items():
+        if name.endswith("inv_freq"):
+            continue
+        t = t.detach()
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        out[to_hf_name(name)] = t.contiguous().cpu()
+    return out
+
+
+def export_hf(
+    state_dict: Mapping[str, torch.Tensor],
+    cfg: ModelConfig,
+    output_dir: str | os.PathLike,
+    *,
+    dtype: Optional[torch.dtype] = torch.bfloat16,
+    max_shard_size: int | str = "5GB",
+    tokenizer_dir: Optional[str | os.PathLike] = None,
+    bos_token_id: Optional[int] = None,
+    eos_token_id: Optional[int] = None,
+    pad_token_id: Optional[int] = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``state_dict`` (tanuki names) as a Hugging Face ``LlamaForCausalLM`` directory.
+
+    The directory is assembled under a temporary name beside ``output_dir`` and renamed into place
+    only when every file is written, so an interrupted export never leaves a loadable-looking
+    directory. Special-token ids default to the tokenizer's when ``tokenizer_dir`` is given.
+    """
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors.torch import save_file
+
+    output_dir = Path(output_dir)
+    if output_dir.exists():
+        if not overwrite and any(output_dir.iterdir()):
+            raise FileExistsError(f"{output_dir} exists and is not empty (pass overwrite=True to replace it)")
+
+    expected = expected_shapes(cfg)
+    missing = sorted(set(expected) - set(state_dict))
+    if missing:
+        raise KeyError(f"state dict lacks {len(missing)} parameters, e.g. {missing[:3]}")
+    for name, shape in expected.items():
+        if tuple(state_dict[name].shape) != shape:
+            raise ValueError(f"{name}: shape {tuple(state_dict[name].shape)} does not match the config {shape}")
+
+    if tokenizer_dir is not None:
+        ids = _tokenizer_special_ids(Path(tokenizer_dir))
+        bos_token_id = ids.get("bos") if bos_token_id is None else bos_token_id
+        eos_token_id = ids.get("eos") if eos_token_id is None else eos_token_id
+        pad_token_id = ids.get("pad") if pad_token_id is None else pad_token_id
+
+    hf_sd = to_hf_state_dict(state_dict, dtype)
+    saved_dtype = dtype or next(iter(hf_sd.values())).dtype
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+    try:
+        split = split_torch_state_dict_into_shards(hf_sd, max_shard_size=max_shard_size)
+        for filename, names in split.filename_to_tensors.items():
+            save_file({n: hf_sd[n] for n in names}, tmp / filename, metadata={"format": "pt"})
+        if split.is_sharded:
+            index = {"metadata": {"total_size": split.metadata.get("total_size")}, "weight_map": split.tensor_to_filename}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        config = hf_config_dict(
+            cfg, dtype=saved_dtype, bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id
+        )
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        gen = {"bos_token_id": bos_token_id, "eos_token_id": eos_token_id, "pad_token_id": pad_token_id}
+        gen = {k: v for k, v in gen.items() if v is not None}
+        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        if tokenizer_dir is not None:
+            copy_tokenizer_files(tokenizer_dir, tmp)
+        if output_dir.exists():
+            shutil.rmtree(output_dir)
+        os.replace(tmp, output_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return output_dir
+
+
+def copy_tokenizer_files(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:
+    """Copy the Hugging Face / SentencePiece tokenizer files of ``src`` into ``dst``."""
+    src, dst = Path(src), Path(dst)
+    if not (src / "tokenizer.json").is_file() and not (src / "tokenizer.model").is_file():
+        raise FileNotFoundError(f"{src}: no tokenizer.json or tokenizer.model (not a tokenizer directory)")
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+            copied.append(name)
+    return copied
+
+
+def _tokenizer_special_ids(tokenizer_dir: Path) -> dict:
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast.from_pretrained(str(tokenizer_dir))
+    return {"bos": tok.bos_token_id, "eos": tok.eos_token_id, "pad": tok.pad_token_id}
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Parameter name -> shape of ``Transformer(cfg)`` (tanuki names)."""
+    d, hd = cfg.dim, cfg.attn_head_dim
+    shapes: dict[str, tuple[int, ...]] = {"embed.weight": (cfg.vocab_size, d)}
+    for i in range(cfg.n_layers):
+        p = f"layers.{i}."
+        shapes[p + "attn_norm.weight"] = (d,)
+        shapes[p + "attn.wq.weight"] = (cfg.n_heads * hd, d)
+        shapes[p + "attn.wk.weight"] = (cfg.n_kv_heads * hd, d)
+        shapes[p + "attn.wv.weight"] = (cfg.n_kv_heads * hd, d)
+        shapes[p + "attn.wo.weight"] = (d, cfg.n_heads * hd)
+        shapes[p + "mlp_norm.weight"] = (d,)
+        shapes[p + "mlp.w_gate.weight"] = (cfg.ffn_dim, d)
+        shapes[p + "mlp.w_up.weight"] = (cfg.ffn_dim, d)
+        shapes[p + "mlp.w_down.weight"] = (d, cfg.ffn_dim)
+    shapes["norm.weight"] = (d,)
+    shapes["head.weight"] = (cfg.vocab_size, d)
+    return shapes
+
+
+# --------------------------------------------------------------------------------------------------
+# Import
+# --------------------------------------------------------------------------------------------------
+
+
+def read_hf_config(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not path.is_dir():
+        raise HFFormatError(f"{path}: not a directory (expected a Hugging Face model directory)")
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise HFFormatError(f"{cfg_file}: missing (not a Hugging Face model directory)")
+    try:
+        return json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise HFFormatError(f"{cfg_file}: invalid JSON at line {e.lineno}: {e.msg}") from None
+
+
+def _weight_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted({path / f for f in weight_map.values()})
+    elif (path / "model.safetensors").is_file():
+        files = [path / "model.safetensors"]
+    else:
+        raise HFFormatError(
+            f"{path}: no model.safetensors or model.safetensors.index.json "
+            "(PyTorch .bin checkpoints: re-save them with save_pretrained(safe_serialization=True))"
+        )
+    for f in files:
+        if not f.is_file():
+            raise HFFormatError(f"{f}: listed in the index but missing")
+    return files
+
+
+def load_hf(path: str | os.PathLike, dtype: Optional[torch.dtype] = None) -> tuple[ModelConfig, dict]:
+    """Read a HF Llama directory: its tanuki :class:`ModelConfig` and state dict (tanuki names, CPU)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    hf_config = read_hf_config(path)
+    cfg = model_config_from_hf(hf_config, source=str(path / "config.json"))
+    tied = bool(hf_config.get("tie_word_embeddings", False))
+    sd: dict[str, torch.Tensor] = {}
+    for f in _weight_files(path):
+        with safe_open(str(f), framework="pt") as fh:
+            for hf_name in fh.keys():
+                if hf_name.endswith("rotary_emb.inv_freq"):
+                    continue
+                try:
+                    name = from_hf_name(hf_name)
+                except KeyError:
+                    raise HFFormatError(f"{f}: unexpected tensor '{hf_name}' for a Llama model") from None
+                t = fh.get_tensor(hf_name)
+                sd[name] = t.to(dtype) if dtype is not None else t
+    if "head.weight" not in sd and tied and "embed.weight" in sd:
+        sd["head.weight"] = sd["embed.weight"].clone()
+    shapes = expected_shapes(cfg)
+    missing = [n for n in shapes if n not in sd]
+    if missing:
+        raise HFFormatError(f"{path}: {len(missing)} tensors missing, e.g. {[to_hf_name(n) for n in missing[:3]]}")
+    for name, shape in shapes.items():
+        if tuple(sd[name].shape) != shape:
+            raise HFFormatError(
+                f"{path}: tensor '{to_hf_name(name)}' has shape {tuple(sd[name].shape)}, config.json implies {shape}"
+            )
+    return cfg, sd
+
+
+def import_hf(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """Build a tanuki :class:`~tanuki.model.Transformer` with the weights of a HF Llama directory."""
+    from tanuki.model import Rotary, Transformer
+
+    cfg, sd = load_hf(path, dtype=dtype)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.to_empty(device=device)
+    model.load_state_dict(sd)
+    for module in model.modules():  # non-persistent buffers (rotary frequencies) after to_empty
+        if isinstance(module, Rotary):
+            module.reset_parameters()
+    return model.to(dtype)

@@ -1,0 +1,333 @@
+"""The tanuki model: a Llama-style decoder in plain PyTorch.
+
+Pre-norm RMSNorm, rotary position embedding (half-split layout, fp32 angle tables), grouped-query
+attention through ``torch.nn.functional.scaled_dot_product_attention``, SwiGLU MLP, untied input
+embedding and output head, no biases (Touvron et al. 2023, "LLaMA"; the llm-jp-3 and Tanuki-8B shapes in
+``conf/size/``).
+
+This file knows nothing about distribution, DeepSpeed, Hydra or Hugging Face weight names. It uses
+ordinary ``nn.Linear`` / ``nn.Embedding`` modules so that tensor parallelism (``tanuki.parallel``) and the
+fused kernels (``tanuki.fused.apply_kernels``) can find and swap them by name and type.
+
+Building on the meta device allocates nothing, which is how large sizes are inspected and how training
+builds them before sharding::
+
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.to_empty(device="cuda")
+    model.init_weights(seed=1234)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tanuki.config import ModelConfig
+
+# ``enable_gqa`` lets SDPA broadcast kv heads without copying them (torch >= 2.5).
+_SDPA_HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square layer norm (Zhang & Sennrich 2019) with the Hugging Face Llama casting order.
+
+    Statistics are computed in fp32; the normalised activations are cast back to the input dtype
+    *before* the weight is applied, exactly as ``LlamaRMSNorm`` does, so bf16 outputs round the same way.
+
+    ``forward(x, residual)`` fuses the residual add of a pre-norm block: it returns
+    ``(norm(x + residual), x + residual)``. The fused Triton module (``tanuki_kernels.rms_norm``) keeps the
+    same signature.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None):
+        if residual is not None:
+            x = x + residual
+            return self._norm(x), x
+        return self._norm(x)
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding (Su et al. 2021) in the half-split layout of HF Llama (``rotate_half``).
+
+    Angles are ``position * theta ** (-2i / head_dim)`` computed in fp32 from explicit positions, so
+    packed sequences whose positions restart at each document work, and long positions keep their
+    precision (cos/sin tables built in bf16 lose it). The rotation is done in fp32 and cast back.
+    """
+
+    def __init__(self, head_dim: int, theta: float = 10000.0):
+        super().__init__()
+        self.head_dim = head_dim
+        self.theta = theta
+        self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
+
+    def _inv_freq(self, device=None) -> torch.Tensor:
+        exponent = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device) / self.head_dim
+        return 1.0 / (self.theta**exponent)
+
+    def reset_parameters(self) -> None:
+        # After ``to_empty`` (meta-device build) the buffer holds garbage: recompute it.
+        self.inv_freq = self._inv_freq(device=self.inv_freq.device)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor):
+        """Rotate ``q`` (B, T, Hq, D) and ``k`` (B, T, Hk, D) at ``positions`` (B, T)."""
+        angles = positions.to(torch.float32)[..., None] * self.inv_freq  # (B, T, D/2)
+        cos = angles.cos()[:, :, None, :]
+        sin = angles.sin()[:, :, None, :]
+        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+    def extra_repr(self) -> str:
+        return f"head_dim={self.head_dim}, theta={self.theta}"
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin) on the two halves of the head dimension.
+    x1, x2 = x.float().chunk(2, dim=-1)
+    out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return out.to(x.dtype)
+
+
+@dataclass
+class KVCache:
+    """Keys and values of one attention layer for incremental decoding, (B, Hk, T, D) each."""
+
+    k: Optional[torch.Tensor] = None
+    v: Optional[torch.Tensor] = None
+
+    @property
+    def length(self) -> int:
+        return 0 if self.k is None else self.k.shape[2]
+
+    def append(self, k: torch.Tensor, v: torch.Tensor):
+        if self.k is None:
+            self.k, self.v = k, v
+        else:
+            self.k = torch.cat([self.k, k], dim=2)
+            self.v = torch.cat([self.v, v], dim=2)
+        return self.k, self.v
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention: ``n_kv_heads`` key/value heads shared by ``n_heads`` query heads."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.n_kv_heads = cfg.n_kv_heads
+        self.head_dim = cfg.attn_head_dim
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
+        self.rotary = Rotary(self.head_dim, cfg.rope_theta)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        mask: Optional[torch.Tensor] = None,
+        cache: Optional[KVCache] = None,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        # Head counts come from the weight shapes so that a tensor-parallel rewrite, which shards the
+        # projections by heads, needs no change here.
+        q = self.wq(x).view(B, T, -1, self.head_dim)
+        k = self.wk(x).view(B, T, -1, self.head_dim)
+        v = self.wv(x).view(B, T, -1, self.head_dim)
+        q, k = self.rotary(q, k, positions)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
+
+        if cache is not None:
+            past = cache.length
+            k, v = cache.append(k, v)
+            if mask is None and T > 1 and past > 0:
+                # Chunked prefill after a cached prefix: causal within the chunk, full over the past.
+                mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+            is_causal = mask is None and T > 1 and past == 0
+        else:
+            is_causal = mask is None
+
+        rep = q.shape[1] // k.shape[1]
+        if rep > 1 and not _SDPA_HAS_GQA:
+            k = k.repeat_interleave(rep, dim=1)
+            v = v.repeat_interleave(rep, dim=1)
+        kwargs = {"enable_gqa": True} if rep > 1 and _SDPA_HAS_GQA else {}
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, **kwargs)
+        out = out.transpose(1, 2).reshape(B, T, -1)
+        return self.wo(out)
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward (Shazeer 2020): ``down(silu(gate(x)) * up(x))``."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.w_gate = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.w_up = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.w_down = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+
+
+class Block(nn.Module):
+    """One pre-norm decoder layer: ``h = x + attn(norm(x)); out = h + mlp(norm(h))``."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, positions, mask=None, cache=None):
+        a = self.attn(self.attn_norm(x), positions, mask, cache)
+        y, h = self.mlp_norm(a, residual=x)  # h = x + a, y = norm(h): one fused kernel on GPU
+        return h + self.mlp(y)
+
+
+class Transformer(nn.Module):
+    """Llama-style decoder-only language model. ``forward`` returns logits over ``vocab_size`` rows."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        #: wraps each block's forward (activation checkpointing); identity by default
+        self.checkpoint_fn = None
+
+    # -- initialisation -----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0, std: Optional[float] = None) -> None:
+        """Initialise every parameter deterministically from ``seed``.
+
+        Linear and embedding weights ~ N(0, std); the residual output projections (``attn.wo`` and
+        ``mlp.w_down``) use ``std / sqrt(2 * n_layers)`` so the residual stream's variance does not grow
+        with depth (GPT-2, Radford et al. 2019; Megatron-LM's ``scaled_init_method_normal``, as used by
+        llm-jp and Tanuki). Norm weights are ones. Parameters are drawn in a fixed order from one CPU
+        generator and then copied to their device, so the values do not depend on the device or on how
+        the model is later sharded.
+        """
+        std = self.cfg.init_std if std is None else std
+        out_std = std / math.sqrt(2 * self.cfg.n_layers)
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        for name, module in self.named_modules():
+            if isinstance(module, (RMSNorm, Rotary)):
+                module.reset_parameters()
+            elif isinstance(module, (nn.Linear, nn.Embedding)):
+                s = out_std if name.endswith(("attn.wo", "mlp.w_down")) else std
+                w = torch.empty(module.weight.shape, dtype=torch.float32).normal_(0.0, s, generator=gen)
+                module.weight.copy_(w)
+
+    # -- forward ------------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        positions: Optional[torch.Tensor] = None,
+        segment_ids: Optional[torch.Tensor] = None,
+        cache: Optional[list[KVCache]] = None,
+    ) -> torch.Tensor:
+        """Logits ``(B, T, vocab_size)`` for ``tokens`` ``(B, T)``.
+
+        Args:
+            positions: ``(B, T)`` rotary positions; default ``0..T-1`` (after the cached length).
+            segment_ids: ``(B, T)`` ids of packed samples: attention stays causal *within* equal ids
+                (block-diagonal causal mask), so several samples share one row without seeing each other.
+            cache: one :class:`KVCache` per layer for incremental decoding.
+        """
+        return self.head(self.hidden_states(tokens, positions, segment_ids, cache))
+
+    def hidden_states(self, tokens, positions=None, segment_ids=None, cache=None) -> torch.Tensor:
+        """Final-norm hidden states ``(B, T, dim)``: ``forward`` without the output head."""
+        B, T = tokens.shape
+        if positions is None:
+            start = cache[0].length if cache else 0
+            positions = torch.arange(start, start + T, device=tokens.device).expand(B, T)
+        mask = None if segment_ids is None else segment_mask(segment_ids)
+        x = self.embed(tokens)
+        for i, layer in enumerate(self.layers):
+            c = cache[i] if cache is not None else None
+            if self.checkpoint_fn is not None and self.training:
+                x = self.checkpoint_fn(layer, x, positions, mask, c)
+            else:
+                x = layer(x, positions, mask, c)
+        return self.norm(x)
+
+    def new_cache(self) -> list[KVCache]:
+        return [KVCache() for _ in self.layers]
+
+
+def segment_mask(segment_ids: torch.Tensor) -> torch.Tensor:
+    """Boolean attention mask ``(B, 1, T, T)``: causal, and only between positions of the same segment."""
+    T = segment_ids.shape[1]
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    causal = torch.ones(T, T, dtype=torch.bool, device=segment_ids.device).tril()
+    return (same & causal)[:, None]
+
+
+# --------------------------------------------------------------------------------------------------
+# Counting
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ParamCounts:
+    """Parameter counts as model cards report them: embedding = input embedding + output head."""
+
+    total: int
+    embedding: int
+    non_embedding: int
+
+
+def count_parameters(model: nn.Module) -> ParamCounts:
+    """Count parameters (works on the meta device)."""
+    total = sum(p.numel() for p in model.parameters())
+    embedding = model.embed.weight.numel() + model.head.weight.numel()
+    return ParamCounts(total=total, embedding=embedding, non_embedding=total - embedding)
+
+
+def param_counts_formula(cfg: ModelConfig) -> ParamCounts:
+    """Closed-form parameter counts of :class:`Transformer` for ``cfg``."""
+    d, hd = cfg.dim, cfg.attn_head_dim
+    attn = d * cfg.n_heads * hd * 2 + d * cfg.n_kv_heads * hd * 2  # q, o and k, v
+    mlp = 3 * d * cfg.ffn_dim
+    per_layer = attn + mlp + 2 * d  # two norms
+    non_embedding = cfg.n_layers * per_layer + d  # final norm
+    embedding = 2 * cfg.vocab_size * d
+    return ParamCounts(total=embedding + non_embedding, embedding=embedding, non_embedding=non_embedding)
+
+
+def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", seed: int = 0,
+                dtype: torch.dtype = torch.float32) -> Transformer:
+    """Build the model on ``meta``, materialise it on ``device`` and initialise it from ``seed``."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.to_empty(device=device)
+    model.init_weights(seed)
+    return model.to(dtype)

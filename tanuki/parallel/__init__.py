@@ -1,0 +1,1 @@
+"""Tensor and sequence parallelism (Megatron-style) combined with DeepSpeed ZeRO."""

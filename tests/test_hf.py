@@ -1,0 +1,206 @@
+"""Hugging Face export/import: sharding, tokenizer files, atomicity, bad directories, the CLI."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from tanuki.checkpoint import load_model_file, save_model_file
+from tanuki.config import ModelConfig
+from tanuki.hf import HFFormatError, export_hf, from_hf_name, import_hf, load_hf, to_hf_name
+from tanuki.model import build_model
+
+REPO = Path(__file__).resolve().parents[1]
+CFG = ModelConfig(n_layers=2, dim=64, n_heads=4, n_kv_heads=2, ffn_dim=96, vocab_size=320, max_seq_len=64)
+
+
+def make_tokenizer(path: Path) -> Path:
+    """A small word-level tokenizer with the special tokens tanuki's tokenizers carry."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3}
+    for w in "the cat sat on mat 猫 が いる".split():
+        vocab[w] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
+    fast.save_pretrained(path)
+    return path
+
+
+def test_names_round_trip():
+    model = build_model(CFG)
+    for name in model.state_dict():
+        assert from_hf_name(to_hf_name(name)) == name
+    with pytest.raises(KeyError):
+        to_hf_name("layers.0.attn.unknown.weight")
+
+
+def test_sharded_export_loads_in_transformers(tmp_path):
+    model = build_model(CFG, seed=3)
+    out = export_hf(model.state_dict(), CFG, tmp_path / "hf", dtype=torch.float32, max_shard_size="40KB")
+    shards = sorted(out.glob("model-*.safetensors"))
+    assert len(shards) > 2
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == {s.name for s in shards}
+    assert len(index["weight_map"]) == len(model.state_dict())
+    assert index["metadata"]["total_size"] == sum(p.numel() * 4 for p in model.parameters())
+    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert isinstance(hf, LlamaForCausalLM)
+    tokens = torch.randint(0, CFG.vocab_size, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(tokens).logits, model(tokens), rtol=1e-5, atol=1e-5)
+    # and back
+    cfg2, sd2 = load_hf(out)
+    assert cfg2 == CFG
+    for k, v in model.state_dict().items():
+        assert torch.equal(sd2[k], v), k
+
+
+def test_export_bf16_with_tokenizer(tmp_path):
+    tok_dir = make_tokenizer(tmp_path / "tok")
+    model = build_model(CFG, seed=4)
+    out = export_hf(model.state_dict(), CFG, tmp_path / "hf", tokenizer_dir=tok_dir)
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"]
+    assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == (1, 2, 3)
+    assert config["rope_theta"] == CFG.rope_theta
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == 2
+    assert (out / "tokenizer.json").is_file() and (out / "tokenizer_config.json").is_file()
+    hf = AutoModelForCausalLM.from_pretrained(out)
+    assert hf.dtype == torch.bfloat16
+    assert torch.equal(hf.model.embed_tokens.weight, model.embed.weight.bfloat16())
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(out).eos_token_id == 2
+
+
+def test_export_refuses_non_empty_output_and_overwrites_when_asked(tmp_path):
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "keep.txt").write_text("user data")
+    sd = build_model(CFG).state_dict()
+    with pytest.raises(FileExistsError, match="not empty"):
+        export_hf(sd, CFG, out)
+    assert (out / "keep.txt").read_text() == "user data"
+    export_hf(sd, CFG, out, overwrite=True)
+    assert not (out / "keep.txt").exists() and (out / "config.json").exists()
+
+
+def test_interrupted_export_leaves_nothing(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    calls = {"n": 0}
+    real = safetensors.torch.save_file
+
+    def failing_save(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError("disk full")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        export_hf(build_model(CFG).state_dict(), CFG, tmp_path / "hf", max_shard_size="40KB")
+    assert list(tmp_path.iterdir()) == []  # neither the output nor a temporary directory
+
+
+def test_export_checks_the_state_dict(tmp_path):
+    sd = build_model(CFG).state_dict()
+    del sd["layers.1.mlp.w_up.weight"]
+    with pytest.raises(KeyError, match="layers.1.mlp.w_up.weight"):
+        export_hf(sd, CFG, tmp_path / "a")
+    sd = build_model(CFG).state_dict()
+    sd["norm.weight"] = torch.ones(3)
+    with pytest.raises(ValueError, match="norm.weight"):
+        export_hf(sd, CFG, tmp_path / "b")
+
+
+def test_import_rejects_a_model_that_is_not_llama(tmp_path):
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50, n_positions=32)).save_pretrained(
+        tmp_path / "gpt2"
+    )
+    with pytest.raises(HFFormatError, match=r"config.json: not a Llama model \(model_type='gpt2'"):
+        import_hf(tmp_path / "gpt2")
+
+
+def test_import_errors_name_the_problem(tmp_path):
+    with pytest.raises(HFFormatError, match="not a directory"):
+        import_hf(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(HFFormatError, match=r"empty/config.json: missing"):
+        import_hf(tmp_path / "empty")
+
+    hf_cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1)
+    LlamaForCausalLM(hf_cfg).save_pretrained(tmp_path / "ok")
+
+    (tmp_path / "ok" / "model.safetensors").rename(tmp_path / "weights.bak")
+    with pytest.raises(HFFormatError, match="no model.safetensors"):
+        import_hf(tmp_path / "ok")
+    (tmp_path / "weights.bak").rename(tmp_path / "ok" / "model.safetensors")
+
+    config = json.loads((tmp_path / "ok" / "config.json").read_text())
+    bad = dict(config, intermediate_size=65)
+    (tmp_path / "ok" / "config.json").write_text(json.dumps(bad))
+    with pytest.raises(HFFormatError, match="mlp.gate_proj.weight' has shape"):
+        import_hf(tmp_path / "ok")
+    bad = dict(config, rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0})
+    (tmp_path / "ok" / "config.json").write_text(json.dumps(bad))
+    with pytest.raises(HFFormatError, match="rope scaling 'llama3'"):
+        import_hf(tmp_path / "ok")
+    (tmp_path / "ok" / "config.json").write_text("{not json")
+    with pytest.raises(HFFormatError, match="invalid JSON at line 1"):
+        import_hf(tmp_path / "ok")
+
+
+def test_import_of_tied_embeddings_unties_them(tmp_path):
+    hf_cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+    hf = LlamaForCausalLM(hf_cfg).eval()
+    hf.save_pretrained(tmp_path / "tied")
+    model = import_hf(tmp_path / "tied").eval()
+    tokens = torch.randint(0, 64, (1, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), hf(tokens).logits, rtol=1e-5, atol=1e-5)
+    assert model.head.weight.data_ptr() != model.embed.weight.data_ptr()
+
+
+def _run(args, **kw):
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, **kw)
+
+
+def test_model_file_round_trip_and_export_cli(tmp_path):
+    model = build_model(CFG, seed=9)
+    save_model_file(model.state_dict(), CFG, tmp_path / "model.safetensors")
+    cfg, sd = load_model_file(tmp_path / "model.safetensors")
+    assert cfg == CFG and torch.equal(sd["head.weight"], model.head.weight)
+
+    tok = make_tokenizer(tmp_path / "tok")
+    r = _run(["launch/export_hf.py", f"checkpoint={tmp_path / 'model.safetensors'}", f"output={tmp_path / 'hf'}",
+              f"tokenizer={tok}", "dtype=float32"])
+    assert r.returncode == 0, r.stderr
+    assert "exported" in r.stdout
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
+    tokens = torch.randint(0, CFG.vocab_size, (1, 11))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(tokens).logits, model(tokens), rtol=1e-5, atol=1e-5)
+
+    # bad input: a checkpoint that does not exist, a file that is not a tanuki model, a missing key
+    r = _run(["launch/export_hf.py", f"checkpoint={tmp_path / 'missing.safetensors'}", f"output={tmp_path / 'x'}"])
+    assert r.returncode == 2 and "missing.safetensors: no such model file" in r.stderr
+    (tmp_path / "junk.safetensors").write_bytes(b"not safetensors at all")
+    r = _run(["launch/export_hf.py", f"checkpoint={tmp_path / 'junk.safetensors'}", f"output={tmp_path / 'x'}"])
+    assert r.returncode == 2 and "junk.safetensors: not a readable safetensors file" in r.stderr
+    r = _run(["launch/export_hf.py", f"output={tmp_path / 'x'}"])
+    assert r.returncode == 2 and "config key 'checkpoint': is required" in r.stderr
+    assert not (tmp_path / "x").exists()
