@@ -53,7 +53,6 @@ def test_activation_estimate_matches_the_tensors_saved_for_backward():
     cfg = ModelConfig(n_layers=3, dim=128, n_heads=4, n_kv_heads=2, ffn_dim=352, vocab_size=512)
     model = build_model(cfg, dtype=torch.bfloat16)
     B, T = 2, 64
-    tokens = torch.randint(0, cfg.vocab_size, (B, T))
     saved = {}
 
     def pack(t):
