@@ -35,7 +35,7 @@ def run(*args: str) -> None:
 
 def main(out: Path) -> None:
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tanuki.checkpoint import save_model_file
     from tanuki.config import ModelConfig
@@ -52,7 +52,16 @@ def main(out: Path) -> None:
     run("launch/model_info.py")
     run("launch/model_info.py", "+size=8b", "plan.gpus=8")
 
-    step("2. Build the tiny model, run a forward pass, save it")
+    step("2. Build a Unigram byte-fallback tokenizer from the bundled Japanese/English sample corpus")
+    corpus = "tanuki/sample_data/corpus.jsonl"
+    run("launch/build_tokenizer.py", f"input={corpus}", f"output={rel}/tokenizer", "vocab_size=4000")
+
+    step("3. Tokenize the corpus into a Megatron-format dataset and inspect it")
+    run("launch/preprocess.py", f"input={corpus}", f"tokenizer={rel}/tokenizer",
+        f"output_prefix={rel}/data/sample", "workers=2")
+    run("launch/data_info.py", f"data.prefixes=[{rel}/data/sample]", f"tokenizer={rel}/tokenizer", "seq_len=256")
+
+    step("4. Build the tiny model, run a forward pass, save it")
     cfg = ModelConfig()  # the tiny default of conf/pretrain.yaml
     model = build_model(cfg, seed=1234).eval()
     counts = count_parameters(model)
@@ -62,19 +71,24 @@ def main(out: Path) -> None:
     print(f"tiny model: {counts.total:,} parameters; logits {tuple(logits.shape)} for tokens {tuple(tokens.shape)}")
     save_model_file(model.state_dict(), cfg, out / "init" / "model.safetensors")
 
-    step("3. Export to a Hugging Face directory")
-    run("launch/export_hf.py", f"checkpoint={rel}/init/model.safetensors", f"output={rel}/hf-init", "dtype=float32")
+    step("5. Export to a Hugging Face directory, with the tokenizer")
+    run("launch/export_hf.py", f"checkpoint={rel}/init/model.safetensors", f"output={rel}/hf-init",
+        f"tokenizer={rel}/tokenizer", "dtype=float32")
 
-    step("4. Load it in transformers: same logits, same greedy tokens")
+    step("6. Load it in transformers: same logits, same greedy tokens")
     hf = AutoModelForCausalLM.from_pretrained(out / "hf-init", dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(out / "hf-init")
     with torch.no_grad():
         diff = (hf(tokens).logits - logits).abs().max().item()
-    prompt = tokens[0, :8].tolist()
+    prompt = tok("日本の首都は", add_special_tokens=False).input_ids
+    n = len(prompt)
     ours = generate(model, prompt, max_new_tokens=16)
-    theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False, pad_token_id=0)[0, 8:].tolist()
+    theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False)[0, n:].tolist()
     print(f"{type(hf).__name__}: max |logits difference| = {diff:.2e}")
     print(f"greedy tokens, tanuki:       {ours}")
     print(f"greedy tokens, transformers: {theirs}")
+    text = tok.decode([t for t in ours if t < len(tok)])  # ids past the vocabulary are padding rows
+    print(f"decoded (an untrained model babbles): {text!r}")
     if ours != theirs or diff > 1e-4:
         raise SystemExit("demo: tanuki and transformers disagree")
 

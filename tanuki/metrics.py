@@ -15,6 +15,7 @@ import math
 import secrets
 import os
 import struct
+import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -159,15 +160,27 @@ def _wandb_payloads(data: bytes, source: str):
             pending = b""
 
 
-def read_wandb_history(path: str | os.PathLike) -> list[dict]:
-    """The history rows (``run.log`` calls) of an offline ``.wandb`` file, as dicts of plain values."""
+def read_wandb_history(path: str | os.PathLike, wait_for_exit: float = 0.0) -> list[dict]:
+    """The history rows (``run.log`` calls) of an offline ``.wandb`` file, as dicts of plain values.
+
+    W&B's writer is a separate service process that may still be flushing after ``run.finish()``
+    returns; ``wait_for_exit`` seconds are spent waiting for the run's final ``exit`` record.
+    """
     from wandb.proto import wandb_internal_pb2 as pb
 
     path = Path(path)
+    deadline = time.monotonic() + wait_for_exit
+    while True:
+        records = []
+        for payload in _wandb_payloads(path.read_bytes(), str(path)):
+            record = pb.Record()
+            record.ParseFromString(payload)
+            records.append(record)
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() >= deadline:
+            break
+        time.sleep(0.2)
     rows = []
-    for payload in _wandb_payloads(path.read_bytes(), str(path)):
-        record = pb.Record()
-        record.ParseFromString(payload)
+    for record in records:
         if record.WhichOneof("record_type") != "history":
             continue
         row = {}

@@ -90,6 +90,14 @@ class Rotary(nn.Module):
         # After ``to_empty`` (meta-device build) the buffer holds garbage: recompute it.
         self.inv_freq = self._inv_freq(device=self.inv_freq.device)
 
+    def _apply(self, fn, recurse=True):
+        # ``model.to(torch.bfloat16)`` casts buffers too; bf16 frequencies are off by tens of radians
+        # at position 32k. The frequencies stay fp32 whatever dtype the model is cast to.
+        super()._apply(fn, recurse)
+        if self.inv_freq.dtype != torch.float32 and not self.inv_freq.is_meta:
+            self.inv_freq = self._inv_freq(device=self.inv_freq.device)
+        return self
+
     def forward(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor):
         """Rotate ``q`` (B, T, Hq, D) and ``k`` (B, T, Hk, D) at ``positions`` (B, T)."""
         angles = positions.to(torch.float32)[..., None] * self.inv_freq  # (B, T, D/2)

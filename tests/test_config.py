@@ -23,28 +23,16 @@ SCHEMAS = {
     "pretrain": ("tanuki.config:PretrainConfig", []),
     "model_info": ("tanuki.config:ModelInfoConfig", []),
     "export_hf": ("tanuki.config:ExportHFConfig", ["checkpoint=a.safetensors", "output=out"]),
+    "build_tokenizer": ("tanuki.tokenizer.config:BuildTokenizerConfig", ["input=a.txt", "output=tok", "vocab_size=4000"]),
+    "tokenizer_report": ("tanuki.tokenizer.config:TokenizerReportConfig", ["tokenizer=tok", "input=a.txt"]),
+    "preprocess": ("tanuki.data.config:PreprocessConfig", []),
+    "data_info": ("tanuki.data.config:DataInfoConfig", []),
 }
 
 
 def _load_schema(ref: str):
     mod, name = ref.split(":")
     return getattr(importlib.import_module(mod), name)
-
-
-def _register_extra_schemas():
-    """Configs of the other stages register their dataclasses next to their code."""
-    extra = {
-        "build_tokenizer": "tanuki.tokenizer.config:BuildTokenizerConfig",
-        "tokenizer_report": "tanuki.tokenizer.config:TokenizerReportConfig",
-        "preprocess": "tanuki.data.config:PreprocessConfig",
-        "data_info": "tanuki.data.config:DataInfoConfig",
-    }
-    for name, ref in extra.items():
-        if (CONF / f"{name}.yaml").exists() and name not in SCHEMAS:
-            SCHEMAS[name] = (ref, [])
-
-
-_register_extra_schemas()
 
 
 def test_every_primary_config_is_registered():

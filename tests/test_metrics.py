@@ -21,7 +21,7 @@ def test_jsonl_and_offline_wandb_contain_the_same_series(tmp_path):
     jsonl = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     files = find_wandb_files(tmp_path)
     assert len(files) == 1
-    history = read_wandb_history(files[0])
+    history = read_wandb_history(files[0], wait_for_exit=60)
     assert len(history) == len(jsonl) == 7
     for row, rec in zip(history, jsonl):
         assert row["_step"] == rec["step"]
@@ -36,7 +36,7 @@ def test_resumed_run_continues_the_same_wandb_run(tmp_path):
     assert (tmp_path / "wandb_run_id").read_text().strip() == run_id
     files = find_wandb_files(tmp_path)
     assert files and all(f.name == f"run-{run_id}.wandb" for f in files)
-    steps = [row["_step"] for f in files for row in read_wandb_history(f)]
+    steps = [row["_step"] for f in files for row in read_wandb_history(f, wait_for_exit=60)]
     assert steps == list(range(6))
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 6
 

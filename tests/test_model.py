@@ -216,3 +216,12 @@ def test_loss_normalizer_sums_across_micro_batches():
     total = (labels != -100).sum()
     parts = sum(causal_lm_loss(logits[i : i + 1], labels[i : i + 1], normalizer=total).loss for i in range(4))
     torch.testing.assert_close(parts, causal_lm_loss(logits, labels).loss)
+
+
+def test_rotary_frequencies_stay_fp32_when_the_model_is_cast():
+    cfg = SHAPES["gqa"]
+    model = build_model(cfg, dtype=torch.bfloat16)
+    rotary = model.layers[0].attn.rotary
+    assert rotary.inv_freq.dtype == torch.float32
+    expected = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.attn_head_dim, 2, dtype=torch.float64) / cfg.attn_head_dim)
+    torch.testing.assert_close(rotary.inv_freq.double(), expected, rtol=1e-6, atol=0)
