@@ -127,10 +127,10 @@ class _Counts:
 class CompressionMeter:
     """Accumulates characters, bytes and tokens per language over encoded documents.
 
-    Newline, tab and carriage return are never inside a learned piece (SentencePiece trains on
-    lines and treats tab as a delimiter), so they are always one byte token each; they are counted
-    as ``newline_tab_tokens``, apart from the byte fallback of characters missing from the
-    vocabulary.
+    A newline is never inside a learned piece (SentencePiece trains on lines), so every newline is
+    the byte token ``<0x0A>``; byte tokens of newline, tab and carriage return are therefore counted
+    as ``newline_tab_tokens``, apart from ``byte_fallback_tokens``, the bytes of characters missing
+    from the vocabulary.
     """
 
     #: id -> byte value of the byte-fallback pieces <0x00>..<0xFF>
