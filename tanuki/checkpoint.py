@@ -54,3 +54,215 @@ def load_model_file(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, tor
         raise ValueError(f"{path}: safetensors file without '{MODEL_CONFIG_KEY}' metadata (not written by tanuki)")
     cfg = from_dict(ModelConfig, json.loads(meta[MODEL_CONFIG_KEY]), prefix="model")
     return cfg, sd
+
+
+# --------------------------------------------------------------------------------------------------
+# Resumable training checkpoints
+# --------------------------------------------------------------------------------------------------
+#
+# Layout of ``<run dir>/checkpoints/``::
+#
+#     latest                      name of the newest complete checkpoint (written last, atomically)
+#     step_00001000/              DeepSpeed's files (mp_rank_00_model_states.pt, ZeRO optimizer shards)
+#         tanuki_state.json       step, consumed samples, the run's config, the layout that wrote it
+#         rng_rank00000.pt ...    every rank's RNG states
+#     step_00002000.partial/      a save in progress (or killed mid-way): never read, removed later
+#     zero_to_fp32.py             DeepSpeed's consolidation script (offline; no GPU needed)
+#
+# A save writes everything into ``step_N.partial``; when every rank is done, rank 0 renames the
+# directory to ``step_N`` and then rewrites ``latest``. A crash at any point leaves the previous
+# checkpoint named by ``latest`` and loadable.
+
+LATEST_FILE = "latest"
+STATE_FILE = "tanuki_state.json"
+PARTIAL_SUFFIX = ".partial"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: missing, incomplete, or written for another configuration."""
+
+
+def step_tag(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def is_complete(checkpoint_dir: str | os.PathLike) -> bool:
+    """A directory renamed into place by :func:`commit_checkpoint` (its state file is written first)."""
+    p = Path(checkpoint_dir)
+    return p.is_dir() and not p.name.endswith(PARTIAL_SUFFIX) and (p / STATE_FILE).is_file()
+
+
+def latest_checkpoint(root: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint under ``root`` (the ``checkpoints/`` directory), or None.
+
+    ``latest`` names it; if that file is missing or names something incomplete (it is rewritten after
+    the rename, so a crash between the two leaves it one behind), the highest complete step wins.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        return None
+    named = root / LATEST_FILE
+    candidates = sorted((p for p in root.glob("step_*") if is_complete(p)), key=lambda p: p.name)
+    if named.is_file():
+        tag = named.read_text().strip()
+        if is_complete(root / tag) and (not candidates or candidates[-1].name <= tag):
+            return root / tag
+    return candidates[-1] if candidates else None
+
+
+def read_state(checkpoint_dir: str | os.PathLike) -> dict:
+    """The ``tanuki_state.json`` of a complete checkpoint."""
+    p = Path(checkpoint_dir)
+    if not is_complete(p):
+        raise CheckpointError(f"{p}: not a complete tanuki checkpoint (no {STATE_FILE})")
+    try:
+        return json.loads((p / STATE_FILE).read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{p / STATE_FILE}: unreadable ({e})") from None
+
+
+def begin_checkpoint(root: Path, step: int) -> Path:
+    """(Rank 0) the empty ``step_N.partial`` directory a save writes into."""
+    import shutil
+
+    partial = root / (step_tag(step) + PARTIAL_SUFFIX)
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    return partial
+
+
+def commit_checkpoint(root: Path, step: int, state: dict, keep_last: int) -> Path:
+    """(Rank 0, after every rank finished writing) make ``step_N`` complete and the latest; prune."""
+    import shutil
+
+    tag = step_tag(step)
+    partial, final = root / (tag + PARTIAL_SUFFIX), root / tag
+    _write_text_atomic(partial / STATE_FILE, json.dumps(state, indent=1, ensure_ascii=False) + "\n")
+    if final.exists():  # the same step saved again (e.g. a resumed run re-reaching it): replace it
+        old = root / (tag + ".old" + PARTIAL_SUFFIX)
+        os.replace(final, old)
+        os.replace(partial, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(partial, final)
+    _write_text_atomic(root / LATEST_FILE, tag + "\n")
+    # Housekeeping: leftovers of interrupted saves, and complete checkpoints beyond keep_last.
+    for stale in root.glob("step_*" + PARTIAL_SUFFIX):
+        shutil.rmtree(stale, ignore_errors=True)
+    if keep_last > 0:
+        complete = sorted((p for p in root.glob("step_*") if is_complete(p)), key=lambda p: p.name)
+        for old in complete[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def rng_file(rank: int) -> str:
+    return f"rng_rank{rank:05d}.pt"
+
+
+def rng_state() -> dict:
+    """Every RNG a training step may draw from (Python, NumPy, torch CPU and CUDA)."""
+    import random
+
+    import numpy as np
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    import random
+
+    import numpy as np
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def check_compatible(saved: Mapping, current: Mapping, checkpoint_dir: Path, keys: tuple[str, ...]) -> None:
+    """Raise :class:`ConfigError` naming the first key under ``keys`` whose value differs.
+
+    ``saved``/``current`` are plain config dicts; ``keys`` are top-level sections or dotted keys.
+    """
+    from tanuki.config import ConfigError
+
+    def flat(d, prefix=""):
+        for k, v in d.items():
+            key = f"{prefix}.{k}" if prefix else k
+            if isinstance(v, Mapping):
+                yield from flat(v, key)
+            else:
+                yield key, v
+
+    saved_flat, current_flat = dict(flat(saved)), dict(flat(current))
+    for key in sorted(set(saved_flat) | set(current_flat)):
+        if not any(key == k or key.startswith(k + ".") for k in keys):
+            continue
+        a, b = saved_flat.get(key), current_flat.get(key)
+        if isinstance(a, list):
+            a = tuple(a)
+        if isinstance(b, list):
+            b = tuple(b)
+        if a != b:
+            raise ConfigError(
+                key,
+                f"the checkpoint {checkpoint_dir} was written with {key}={a!r} but this run has {b!r}; "
+                "resume with the same value (or start a new run.dir, e.g. with init= from an export)",
+            )
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A run directory (its latest checkpoint), a ``checkpoints/`` directory, or a checkpoint itself."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: no such run or checkpoint directory")
+    if is_complete(p):
+        return p
+    for root in (p / "checkpoints", p):
+        found = latest_checkpoint(root)
+        if found is not None:
+            return found
+    raise CheckpointError(f"{p}: no complete checkpoint here (expected step_N/{STATE_FILE} under checkpoints/)")
+
+
+def consolidate_checkpoint(checkpoint_dir: str | os.PathLike) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """The full fp32 model of a checkpoint, gathered from its ZeRO shards on CPU (no GPU, no process group).
+
+    ZeRO stages 1-3 keep the fp32 master weights partitioned in the optimizer shards; DeepSpeed's
+    ``get_fp32_state_dict_from_zero_checkpoint`` (the library form of ``zero_to_fp32.py``) joins them.
+    Stage 0 stores the whole module in ``mp_rank_00_model_states.pt``.
+    """
+    p = Path(checkpoint_dir)
+    state = read_state(p)
+    cfg = from_dict(ModelConfig, state["config"]["model"], prefix="model")
+    if state["config"]["parallel"]["tp"] != 1:
+        raise CheckpointError(f"{p}: tensor-parallel checkpoints are merged by tanuki.hf (tp > 1)")
+    if state["zero_stage"] == 0:
+        module = torch.load(p / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+        sd = {k: v.float() for k, v in module.items()}
+    else:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        sd = get_fp32_state_dict_from_zero_checkpoint(str(p.parent), tag=p.name)
+    sd = {k: v for k, v in sd.items() if not k.endswith("inv_freq")}
+    return cfg, sd

@@ -249,12 +249,45 @@ def pad_vocab_size(n: int, multiple: int = 128, tp: int = 1) -> int:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Batch geometry of a training run (the full loop settings arrive with the pretraining stage)."""
+    """``train``: batch geometry, length of the run, optimizer, schedule and loss options."""
 
     seq_len: int = 256
     micro_batch_size: int = 8
+    #: samples per optimizer step over all data-parallel ranks; gradient accumulation steps =
+    #: global_batch_size / (micro_batch_size x data-parallel size)
     global_batch_size: int = 16
     activation_checkpointing: bool = False
+    #: optimizer steps to train for (ignored when max_tokens > 0)
+    max_steps: int = 100
+    #: train for this many tokens instead (rounded up to whole steps); 0 = use max_steps
+    max_tokens: float = 0.0
+    lr: float = 3e-4
+    #: floor of the decay (llm-jp-3: 0.1 x lr)
+    min_lr: float = 3e-5
+    warmup_steps: int = 10
+    #: cosine | wsd (warmup-stable-decay) | constant; see tanuki/optim.py
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    #: wsd: fraction of the steps spent decaying, and the decay shape
+    decay_fraction: float = 0.1
+    decay_shape: Literal["linear", "cosine", "sqrt"] = "sqrt"
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    #: also decay the input embedding / the norm gains (off by default; see tanuki/optim.py)
+    decay_embeddings: bool = False
+    decay_norms: bool = False
+    #: clip the global gradient norm to this (0: no clipping)
+    grad_clip: float = 1.0
+    #: PaLM z-loss coefficient (llm-jp-3: 1e-4); 0 = off
+    z_loss: float = 0.0
+    #: auto = bf16 on GPU, fp32 on CPU
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    #: validation every this many steps and at the end (0: only at the end; needs validation data)
+    eval_every: int = 50
+    #: micro-batches per rank in each validation (the same samples every time)
+    eval_iters: int = 4
+    #: stop after this many consecutive steps skipped for a non-finite loss or gradient
+    max_skipped_steps: int = 5
 
     def __post_init__(self) -> None:
         _require(self.seq_len > 0, "train.seq_len", "must be positive")
@@ -265,6 +298,25 @@ class TrainConfig:
             "train.global_batch_size",
             f"{self.global_batch_size} is not divisible by train.micro_batch_size ({self.micro_batch_size})",
         )
+        _require(self.max_steps > 0 or self.max_tokens > 0, "train.max_steps", "must be positive (or set train.max_tokens)")
+        _require(self.max_tokens >= 0, "train.max_tokens", "must be >= 0")
+        _require(self.lr > 0, "train.lr", "must be positive")
+        _require(0 <= self.min_lr <= self.lr, "train.min_lr", f"must be in [0, train.lr={self.lr}]")
+        _require(self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
+        _require(0 < self.decay_fraction <= 1, "train.decay_fraction", "must be in (0, 1]")
+        _require(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+        _require(all(0 <= b < 1 for b in self.betas), "train.betas", "each beta must be in [0, 1)")
+        _require(self.grad_clip >= 0, "train.grad_clip", "must be >= 0")
+        _require(self.z_loss >= 0, "train.z_loss", "must be >= 0")
+        _require(self.eval_every >= 0, "train.eval_every", "must be >= 0")
+        _require(self.eval_iters >= 0, "train.eval_iters", "must be >= 0")
+        _require(self.max_skipped_steps >= 1, "train.max_skipped_steps", "must be >= 1")
+
+    def total_steps(self) -> int:
+        """Optimizer steps of the run: ``max_steps``, or ``max_tokens`` rounded up to whole steps."""
+        if self.max_tokens > 0:
+            return max(1, math.ceil(self.max_tokens / (self.global_batch_size * self.seq_len)))
+        return self.max_steps
 
 
 @dataclass(frozen=True)
@@ -313,12 +365,95 @@ def _check_model_parallel(model: ModelConfig, parallel: ParallelConfig) -> None:
 
 
 @dataclass(frozen=True)
+class RunConfig:
+    """``run``: where a run keeps everything it writes."""
+
+    #: run directory shared by all ranks (config, log, metrics.jsonl, checkpoints/, wandb/); null =
+    #: $TANUKI_RUN_DIR, else runs/slurm-<job id> inside a SLURM job (so a requeued job finds its
+    #: checkpoints), else runs/<stage>-<time> chosen once by rank 0
+    dir: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class TokenizerRef:
+    """``tokenizer``: the tokenizer the data was encoded with (copied into the run and the export)."""
+
+    path: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """``checkpoint``: cadence and retention of resumable checkpoints (always saved at the end too)."""
+
+    every: int = 1000
+    #: complete checkpoints kept; older ones are deleted after a newer one is complete (0: keep all)
+    keep_last: int = 2
+
+    def __post_init__(self) -> None:
+        _require(self.every >= 1, "checkpoint.every", "must be >= 1")
+        _require(self.keep_last >= 0, "checkpoint.keep_last", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class WandbConfig:
+    """``logging.wandb``: offline by default, so no API key is ever needed (``wandb sync`` later)."""
+
+    mode: Literal["offline", "online", "disabled"] = "offline"
+    project: str = "tanuki"
+    name: Optional[str] = None
+    group: Optional[str] = None
+    tags: tuple[str, ...] = ()
+    entity: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    """``logging``: the progress line, metrics.jsonl and W&B."""
+
+    #: log every this many optimizer steps
+    every: int = 10
+    #: dense bf16 peak of one accelerator in TFLOP/s, for MFU (H100 SXM 989, A100 312, H200 989)
+    peak_tflops: float = 989.0
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    def __post_init__(self) -> None:
+        _require(self.every >= 1, "logging.every", "must be >= 1")
+        _require(self.peak_tflops > 0, "logging.peak_tflops", "must be positive")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """``export``: write a Hugging Face directory at the end of training."""
+
+    hf: bool = False
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    #: default: <run dir>/hf
+    dir: Optional[str] = None
+
+
+# The data config lives with the data pipeline; imported here, after ConfigError exists, because
+# tanuki.data.config imports it from this module.
+from tanuki.data.config import DataConfig  # noqa: E402
+
+
+@dataclass(frozen=True)
 class PretrainConfig:
     """``conf/pretrain.yaml``."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerRef = field(default_factory=TokenizerRef)
+    run: RunConfig = field(default_factory=RunConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    #: a Hugging Face Llama directory to continue pretraining from (its config replaces ``model``)
+    init: Optional[str] = None
+    #: auto = continue from the latest complete checkpoint of run.dir if there is one; never = start
+    #: fresh (fails if run.dir already has checkpoints); or a checkpoint directory to start from
+    resume: str = "auto"
     seed: int = 1234
 
     def __post_init__(self) -> None:
@@ -339,13 +474,15 @@ class ModelInfoConfig(PretrainConfig):
 
 @dataclass(frozen=True)
 class ExportHFConfig:
-    """``conf/export_hf.yaml``: write a tanuki model as a Hugging Face directory."""
+    """``conf/export_hf.yaml``: write a tanuki model or checkpoint as a Hugging Face directory."""
 
-    #: a tanuki model file (safetensors with the model config in its metadata)
+    #: a run directory (its latest checkpoint), a checkpoint directory (``.../checkpoints/step_N``),
+    #: or a tanuki model file (safetensors with the model config in its metadata)
     checkpoint: str
     #: the Hugging Face directory to write
     output: str
-    #: tokenizer directory to copy into the export (its special-token ids go into the configs)
+    #: tokenizer directory to copy into the export (its special-token ids go into the configs);
+    #: default for a run or checkpoint: the tokenizer saved with the run
     tokenizer: Optional[str] = None
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     #: shard the safetensors above this size (with model.safetensors.index.json)

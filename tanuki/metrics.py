@@ -12,26 +12,15 @@ from __future__ import annotations
 
 import json
 import math
-import secrets
 import os
+import secrets
 import struct
 import time
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Mapping, Optional
+from typing import Any, Mapping, Optional
 
-
-@dataclass(frozen=True)
-class WandbConfig:
-    """``logging.wandb``: where and how the run appears in W&B."""
-
-    mode: Literal["offline", "online", "disabled"] = "offline"
-    project: str = "tanuki"
-    name: Optional[str] = None
-    group: Optional[str] = None
-    tags: tuple[str, ...] = ()
-    entity: Optional[str] = None
+from tanuki.config import WandbConfig
 
 
 RUN_ID_FILE = "wandb_run_id"
