@@ -38,12 +38,12 @@ class MetricsLogger:
         *,
         wandb: WandbConfig = WandbConfig(),
         config: Optional[Mapping[str, Any]] = None,
-        print_fn=print,
+        print_fn=None,
     ):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._jsonl = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")
-        self._print = print_fn
+        self._print = print_fn or _print_flush
         self._wandb_run = None
         if wandb.mode != "disabled":
             self._wandb_run = self._start_wandb(wandb, config)
@@ -80,13 +80,57 @@ class MetricsLogger:
         if self._wandb_run is not None:
             self._wandb_run.log(clean, step=int(clean["step"]))
         if line is not None:
-            self._print(line, flush=True)
+            self._print(line)
+
+    def replay(self, records: list[Mapping[str, Any]]) -> None:
+        """Send already-written records to W&B only (not to metrics.jsonl or stdout).
+
+        A resumed run replays the records up to its checkpoint: W&B's writer buffers, so a job killed
+        with SIGKILL loses the history it had not flushed, while metrics.jsonl has every line. Steps
+        the W&B run already holds are ignored by W&B (its steps only increase).
+        """
+        if self._wandb_run is None:
+            return
+        for record in records:
+            clean = {k: _plain_number(v) for k, v in record.items()}
+            self._wandb_run.log(clean, step=int(clean["step"]))
 
     def close(self) -> None:
         self._jsonl.close()
         if self._wandb_run is not None:
             self._wandb_run.finish()
             self._wandb_run = None
+
+
+def read_records(path: str | os.PathLike, up_to_step: Optional[int] = None) -> list[dict]:
+    """The records of a ``metrics.jsonl`` in step order, the last record of each (step, kind) kept.
+
+    A resumed run re-logs the steps after its checkpoint, so a step can appear twice; the later line
+    is the one that counts. A final line cut short by a killed process is ignored; a bad line elsewhere
+    raises ``ValueError`` naming the file and line.
+    """
+    path = Path(path)
+    lines = path.read_text(encoding="utf-8").split("\n")
+    kept: dict[tuple, dict] = {}
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            if i == len(lines) - 1:  # no newline after it: a write that never finished
+                break
+            raise ValueError(f"{path}:{i + 1}: not a JSON record ({e})") from None
+        if up_to_step is not None and record["step"] > up_to_step:
+            continue
+        kind = tuple(sorted(k for k in record if k not in ("step", "tokens")))
+        kept.pop((record["step"], kind), None)
+        kept[(record["step"], kind)] = record
+    return sorted(kept.values(), key=lambda r: r["step"])
+
+
+def _print_flush(line: str) -> None:
+    print(line, flush=True)
 
 
 def _plain_number(v):

@@ -45,7 +45,7 @@ from tanuki.checkpoint import (
     step_tag,
 )
 from tanuki.config import ConfigError, ParallelConfig, TrainConfig
-from tanuki.metrics import MetricsLogger, format_duration
+from tanuki.metrics import MetricsLogger, format_duration, read_records
 from tanuki.optim import Schedule, lr_at
 from tanuki.parallel.env import DistEnv
 
@@ -269,6 +269,8 @@ def train(
         rng_path = resume_from / rng_file(env.rank)
         if state["world_size"] == env.world_size and rng_path.is_file():
             set_rng_state(torch.load(rng_path, weights_only=False))
+        if logger is not None and (run_dir / "metrics.jsonl").is_file():
+            logger.replay(read_records(run_dir / "metrics.jsonl", up_to_step=step))
         print_fn(f"resumed from {resume_from} at step {step} ({stage.train_loader.state_dict()['consumed_samples']:,} samples consumed)")
     if step >= total_steps:
         print_fn(f"nothing to do: the checkpoint is at step {step} and train.max_steps is {total_steps}")
@@ -303,6 +305,7 @@ def train(
 
             # Gradient accumulation: DeepSpeed sums the micro-batch gradients and steps on the last.
             sums: dict[str, torch.Tensor] = {}
+            optimizer.skipped = False
             for _ in range(gas):
                 batch = _to(next(batches), device)
                 out = stage.step_fn(engine, batch)
@@ -312,7 +315,9 @@ def train(
                     sums[k] = sums.get(k, 0.0) + v.detach().float()
             step += 1
 
-            skipped = optimizer.skipped
+            # Skipped by our guard, or by DeepSpeed's own overflow check (ZeRO-1/2, and ZeRO-3 in some
+            # versions), which then never calls the optimizer.
+            skipped = optimizer.skipped or not engine.was_step_applied()
             skipped_total += int(skipped)
             consecutive_skips = consecutive_skips + 1 if skipped else 0
             if consecutive_skips >= tc.max_skipped_steps:
