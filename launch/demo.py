@@ -3,7 +3,7 @@
 Usage:
     make demo                      # creates .venv if needed, then runs this script
     python launch/demo.py          # same, in an environment where tanuki is installed
-    python launch/demo.py out=/tmp/tanuki-demo
+    python launch/demo.py out=/tmp/tanuki-demo steps=400   # elsewhere, train longer
 
 Every step prints the command a user would type and runs it, so the output doubles as a tutorial.
 Results go to ``demo_out/`` (or ``out=...``), which is recreated on every run.
@@ -11,6 +11,7 @@ Results go to ``demo_out/`` (or ``out=...``), which is recreated on every run.
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import shutil
@@ -33,14 +34,25 @@ def run(*args: str) -> None:
     subprocess.run([sys.executable, *args], cwd=REPO, env=env, check=True)
 
 
-def main(out: Path) -> None:
+def unigram_entropy(prefix: Path) -> float:
+    """Entropy (nats) of the token distribution of a dataset: the loss of the best context-free model."""
+    import numpy as np
+
+    from tanuki.data import IndexedDataset
+
+    ds = IndexedDataset(str(prefix))
+    p = np.bincount(np.concatenate([ds.document(i) for i in range(ds.num_documents)]).astype(np.int64))
+    p = p[p > 0] / p.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+def main(out: Path, steps: int = 200) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tanuki.checkpoint import save_model_file
-    from tanuki.config import ModelConfig
+    from tanuki.checkpoint import consolidate_checkpoint, resolve_checkpoint
     from tanuki.generate import generate
-    from tanuki.model import build_model, count_parameters
+    from tanuki.model import Transformer, count_parameters
 
     t0 = time.time()
     if out.exists():
@@ -61,34 +73,42 @@ def main(out: Path) -> None:
         f"output_prefix={rel}/data/sample", "workers=2")
     run("launch/data_info.py", f"data.prefixes=[{rel}/data/sample]", f"tokenizer={rel}/tokenizer", "seq_len=256")
 
-    step("4. Build the tiny model, run a forward pass, save it")
-    cfg = ModelConfig()  # the tiny default of conf/pretrain.yaml
-    model = build_model(cfg, seed=1234).eval()
-    counts = count_parameters(model)
-    tokens = torch.randint(0, cfg.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        logits = model(tokens)
-    print(f"tiny model: {counts.total:,} parameters; logits {tuple(logits.shape)} for tokens {tuple(tokens.shape)}")
-    save_model_file(model.state_dict(), cfg, out / "init" / "model.safetensors")
+    step("4. Pretrain the tiny model on it with DeepSpeed ZeRO-3 (CPU, fp32): watch the loss fall")
+    entropy = unigram_entropy(out / "data" / "sample")
+    print(f"unigram entropy of the data: {entropy:.3f} nats/token (the best loss without looking at context)")
+    run("launch/pretrain.py", f"data.prefixes=[{rel}/data/sample]", f"tokenizer.path={rel}/tokenizer",
+        f"run.dir={rel}/run", f"train.max_steps={steps}", "train.seq_len=128", "train.lr=3e-3", "train.min_lr=3e-4",
+        "train.warmup_steps=10", "data.valid_fraction=0.02", f"train.eval_every={steps // 2}", "logging.every=10",
+        f"checkpoint.every={steps // 2}")
+    records = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    print(f"training loss: {losses[0]:.3f} at the first logged step -> {losses[-1]:.3f} at the last "
+          f"({entropy - losses[-1]:.3f} nats below the unigram entropy)")
+    if not losses[-1] < entropy - 0.5:
+        raise SystemExit("demo: the loss did not fall below the unigram entropy")
 
-    step("5. Export to a Hugging Face directory, with the tokenizer")
-    run("launch/export_hf.py", f"checkpoint={rel}/init/model.safetensors", f"output={rel}/hf-init",
-        f"tokenizer={rel}/tokenizer", "dtype=float32")
+    step("5. Plot the run (for users without W&B; the offline W&B run is in run/wandb)")
+    run("launch/plot.py", f"run.dir={rel}/run")
 
-    step("6. Load it in transformers: same logits, same greedy tokens")
-    hf = AutoModelForCausalLM.from_pretrained(out / "hf-init", dtype=torch.float32).eval()
-    tok = AutoTokenizer.from_pretrained(out / "hf-init")
+    step("6. Export the last checkpoint (ZeRO shards consolidated on CPU) to a Hugging Face directory")
+    run("launch/export_hf.py", f"checkpoint={rel}/run", f"output={rel}/hf", "dtype=float32")
+
+    step("7. Load it in transformers: same logits as tanuki, and a generation")
+    hf = AutoModelForCausalLM.from_pretrained(out / "hf", dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(out / "hf")
+    cfg, state = consolidate_checkpoint(resolve_checkpoint(out / "run"))
+    model = Transformer(cfg).eval()
+    model.load_state_dict(state, strict=False)
+    prompt = tok("今日は", add_special_tokens=False).input_ids
+    tokens = torch.tensor([prompt])
     with torch.no_grad():
-        diff = (hf(tokens).logits - logits).abs().max().item()
-    prompt = tok("日本の首都は", add_special_tokens=False).input_ids
+        diff = (hf(tokens).logits - model(tokens)).abs().max().item()
     n = len(prompt)
-    ours = generate(model, prompt, max_new_tokens=16)
-    theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False)[0, n:].tolist()
-    print(f"{type(hf).__name__}: max |logits difference| = {diff:.2e}")
-    print(f"greedy tokens, tanuki:       {ours}")
-    print(f"greedy tokens, transformers: {theirs}")
-    text = tok.decode([t for t in ours if t < len(tok)])  # ids past the vocabulary are padding rows
-    print(f"decoded (an untrained model babbles): {text!r}")
+    ours = generate(model, prompt, max_new_tokens=24, eos_token_id=tok.eos_token_id)
+    theirs = hf.generate(tokens, max_new_tokens=24, do_sample=False)[0, n:].tolist()
+    print(f"{type(hf).__name__} ({count_parameters(model).total:,} parameters): max |logits difference| = {diff:.2e}")
+    print(f"greedy continuation of 今日は, tanuki:       {tok.decode(ours)!r}")
+    print(f"greedy continuation of 今日は, transformers: {tok.decode(theirs)!r}")
     if ours != theirs or diff > 1e-4:
         raise SystemExit("demo: tanuki and transformers disagree")
 
@@ -96,5 +116,5 @@ def main(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    out_arg = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("out=")), None)
-    main(Path(out_arg).resolve() if out_arg else REPO / "demo_out")
+    args = dict(a.split("=", 1) for a in sys.argv[1:] if "=" in a)
+    main(Path(args["out"]).resolve() if "out" in args else REPO / "demo_out", steps=int(args.get("steps", 200)))

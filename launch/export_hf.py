@@ -12,13 +12,18 @@ template) is copied in unless ``tokenizer=`` names another. The result loads wit
 in vLLM, PEFT and lm-evaluation-harness.
 """
 
+from pathlib import Path
+
 import hydra
 import torch
 from omegaconf import DictConfig
 
-from pathlib import Path
-
-from tanuki.checkpoint import CheckpointError, consolidate_checkpoint, load_model_file, resolve_checkpoint
+from tanuki.checkpoint import (
+    CheckpointError,
+    consolidate_checkpoint,
+    load_model_file,
+    resolve_checkpoint,
+)
 from tanuki.cli import user_errors
 from tanuki.config import ExportHFConfig, from_dict
 from tanuki.hf import HFFormatError, export_hf

@@ -261,7 +261,9 @@ def consolidate_checkpoint(checkpoint_dir: str | os.PathLike) -> tuple[ModelConf
         module = torch.load(p / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
         sd = {k: v.float() for k, v in module.items()}
     else:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        from deepspeed.utils.zero_to_fp32 import (
+            get_fp32_state_dict_from_zero_checkpoint,
+        )
 
         sd = get_fp32_state_dict_from_zero_checkpoint(str(p.parent), tag=p.name)
     sd = {k: v for k, v in sd.items() if not k.endswith("inv_freq")}

@@ -22,7 +22,6 @@ from typing import Any, Mapping, Optional
 
 from tanuki.config import WandbConfig
 
-
 RUN_ID_FILE = "wandb_run_id"
 
 

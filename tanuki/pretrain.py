@@ -87,14 +87,17 @@ def prepare(cfg: PretrainConfig, env: DistEnv) -> Prepared:
     return Prepared(cfg, vocab, gas)
 
 
-def lm_step(model, batch: dict[str, torch.Tensor], *, z_loss: float):
-    """One micro-batch of next-token prediction: input ``tokens[:, :-1]``, labels ``tokens[:, 1:]``."""
+def lm_step(model, batch: dict[str, torch.Tensor], *, z_loss: float, vocab_limit: int | None = None):
+    """One micro-batch of next-token prediction: input ``tokens[:, :-1]``, labels ``tokens[:, 1:]``.
+
+    ``vocab_limit`` (the tokenizer's size) keeps the padding rows of the embedding out of the softmax.
+    """
     from tanuki.losses import causal_lm_loss
     from tanuki.train import StepOutput
 
     tokens = batch["tokens"]
     logits = model(tokens[:, :-1])
-    out = causal_lm_loss(logits, tokens[:, 1:], z_loss=z_loss)
+    out = causal_lm_loss(logits, tokens[:, 1:], z_loss=z_loss, vocab_limit=vocab_limit)
     stats = {"loss": out.ce}
     if z_loss > 0:
         stats["z_loss"] = out.z
@@ -192,7 +195,7 @@ def run(prep: Prepared, env: DistEnv, run_dir: Path, print_fn: Callable[[str], N
     stage = Stage(
         name="pretrain",
         model=model,
-        step_fn=functools.partial(lm_step, z_loss=tc.z_loss),
+        step_fn=functools.partial(lm_step, z_loss=tc.z_loss, vocab_limit=prep.tokenizer_vocab),
         train_loader=loader,
         valid_batches=valid_batches,
         tokens_per_step=tc.global_batch_size * tc.seq_len,

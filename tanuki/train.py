@@ -17,9 +17,7 @@ interrupted and resumed run reproduces the uninterrupted run's losses bit for bi
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import signal
 import time
 from collections.abc import Callable, Iterable
@@ -363,7 +361,7 @@ def train(
                 eta = (time.perf_counter() - t_start) / max(done, 1) * (total_steps - step)
                 line = (
                     f"step {step}/{total_steps} | loss {record.get('loss', float('nan')):.4f} | lr {lr:.2e} | "
-                    f"gnorm {record['grad_norm']:.3f} | {tokens_per_s:,.0f} tok/s | {tflops:.1f} TFLOP/s/dev | "
+                    f"gnorm {record['grad_norm']:.3f} | {tokens_per_s:,.0f} tok/s | {tflops:.3g} TFLOP/s/dev | "
                     f"MFU {100 * record['mfu']:.1f}% | mem {record['mem_gib']:.1f} GiB"
                     + (f" | skipped {skipped_total}" if skipped_total else "")
                     + f" | ETA {format_duration(eta)}"
@@ -399,10 +397,3 @@ def train(
         stage.on_finish(last_ckpt)
     _barrier()
     return TrainResult(step, skipped_total, last_ckpt, history)
-
-
-def write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)

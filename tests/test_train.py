@@ -152,8 +152,8 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(tiny_corpus, tmp_path, 
     real_step = pretrain.lm_step
     calls = {"n": 0}
 
-    def poisoned(model, batch, *, z_loss, bad):
-        out = real_step(model, batch, z_loss=z_loss)
+    def poisoned(model, batch, *, z_loss, vocab_limit, bad):
+        out = real_step(model, batch, z_loss=z_loss, vocab_limit=vocab_limit)
         calls["n"] += 1
         step = (calls["n"] - 1) // 4 + 1  # 4 micro-batches per step
         if bad(step):
@@ -253,11 +253,11 @@ def test_sigterm_saves_a_checkpoint_and_stops(tiny_corpus, tmp_path, monkeypatch
     real_step = pretrain.lm_step
     calls = {"n": 0}
 
-    def signalling(model, batch, *, z_loss):
+    def signalling(model, batch, **kw):
         calls["n"] += 1
         if calls["n"] == 9:  # first micro-batch of step 3
             os.kill(os.getpid(), signal.SIGTERM)
-        return real_step(model, batch, z_loss=z_loss)
+        return real_step(model, batch, **kw)
 
     monkeypatch.setattr(pretrain, "lm_step", functools.partial(signalling))
     result, lines, _ = train(tiny_corpus, tmp_path, "checkpoint.every=100")
@@ -267,3 +267,29 @@ def test_sigterm_saves_a_checkpoint_and_stops(tiny_corpus, tmp_path, monkeypatch
     monkeypatch.setattr(pretrain, "lm_step", real_step)
     _, _, losses = train(tiny_corpus, tmp_path, "checkpoint.every=100")
     assert [losses[s] for s in (4, 5, 6)] == [reference["losses"][s] for s in (4, 5, 6)]
+
+
+def test_init_from_a_hugging_face_model_and_export_at_the_end(tiny_corpus, reference, tmp_path):
+    """Continue pretraining from an HF directory: the first loss is transformers' loss on the first batch."""
+    from transformers import AutoModelForCausalLM
+
+    from tanuki.data import DataLoader, build_pretrain_datasets
+    from tanuki.pretrain import export_checkpoint
+
+    hf_dir = export_checkpoint(reference["dir"], tmp_path / "hf-in", dtype="float32")
+    # the HF config decides the architecture, whatever model.* says
+    result, lines, losses = train(tiny_corpus, tmp_path / "run", f"init={hf_dir}", "model.n_layers=7",
+                                  "train.max_steps=2", "export.hf=true", "checkpoint.every=100")
+    cfg = config(tiny_corpus, tmp_path / "x")
+    data = build_pretrain_datasets(cfg.data, seq_len=32, train_samples=16)
+    first = next(iter(DataLoader(data.train, micro_batch_size=8)))["tokens"]
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = torch.nn.functional.cross_entropy(
+            hf(first[:, :-1]).logits.reshape(-1, 1280), first[:, 1:].reshape(-1))
+    assert losses[1] == pytest.approx(float(expected), rel=1e-5)
+    assert losses[1] < reference["losses"][1] - 0.3  # it starts from the trained weights
+    out = tmp_path / "run" / "hf"
+    assert any(f"exported the final checkpoint to {out}" in ln for ln in lines)
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    assert reloaded.config.num_hidden_layers == 2
