@@ -101,31 +101,104 @@ class MetricsLogger:
             self._wandb_run = None
 
 
-def read_records(path: str | os.PathLike, up_to_step: Optional[int] = None) -> list[dict]:
-    """The records of a ``metrics.jsonl`` in step order, the last record of each (step, kind) kept.
+#: how metrics.jsonl spells the non-finite floats JSON cannot hold
+_NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 
-    A resumed run re-logs the steps after its checkpoint, so a step can appear twice; the later line
-    is the one that counts. A final line cut short by a killed process is ignored; a bad line elsewhere
-    raises ``ValueError`` naming the file and line.
+
+class MetricsError(ValueError):
+    """metrics.jsonl cannot be read; the message names the file (and the line)."""
+
+
+def _parse_record(text: str, where: str) -> dict:
+    record = json.loads(text)
+    if not isinstance(record, dict):
+        raise MetricsError(
+            f"{where}: expected a JSON object, got {type(record).__name__}"
+        )
+    step = record.get("step")
+    if isinstance(step, bool) or not isinstance(step, int):
+        raise MetricsError(f"{where}: the record has no integer 'step' (got {step!r})")
+    return {
+        k: _NON_FINITE.get(v, v) if isinstance(v, str) else v for k, v in record.items()
+    }
+
+
+def _after_fragment(line: str, where: str) -> dict | None:
+    """The record at the end of ``line`` when a partial record precedes it (a killed run's last write,
+    then the resumed run's first): records are flat objects, so it starts at the first ``{`` from
+    which the rest of the line parses."""
+    start = line.find("{", 1)
+    while start != -1:
+        try:
+            return _parse_record(line[start:], where)
+        except json.JSONDecodeError:
+            start = line.find("{", start + 1)
+    return None
+
+
+def is_train(record: dict) -> bool:
+    """Training records carry ``loss``; validation records ``val_loss`` (and no ``loss``)."""
+    return "loss" in record
+
+
+def _kind(record: dict) -> tuple:
+    """What a record is, besides its step: training, validation, or another set of keys."""
+    if is_train(record):
+        return ("train",)
+    if "val_loss" in record:
+        return ("val",)
+    return tuple(sorted(k for k in record if k not in ("step", "tokens")))
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """The records of ``metrics.jsonl`` in logged order, after resumes.
+
+    A resumed run appends to the same file and recomputes the steps after its checkpoint, so a
+    training record whose step is not after the previous one's starts a new segment: every earlier
+    record at or after that step is dropped (the later record of a step wins, and steps a killed
+    segment logged past its checkpoint are dropped until recomputed). A partial last line (a kill
+    mid-write) is ignored; a record appended to such a fragment by the resumed run is kept.
+    ``"nan"``/``"inf"``/``"-inf"`` strings are read back as floats.
+
+    Raises FileNotFoundError when the file is missing and :class:`MetricsError` for a line that is
+    not a record (naming the file and the line number), except a partial last line, which is ignored.
     """
     path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file (is this a run directory?)")
+    # The text after the last newline is a record cut short by a kill, unless it parses.
     lines = path.read_text(encoding="utf-8").split("\n")
-    kept: dict[tuple, dict] = {}
-    for i, line in enumerate(lines):
+    records: list[dict] = []
+    last_train_step: int | None = None
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
+        where = f"{path}:{number}"
+        is_last = number == len(lines)
         try:
-            record = json.loads(line)
+            record = _parse_record(line, where)
         except json.JSONDecodeError as e:
-            if i == len(lines) - 1:  # no newline after it: a write that never finished
-                break
-            raise ValueError(f"{path}:{i + 1}: not a JSON record ({e})") from None
-        if up_to_step is not None and record["step"] > up_to_step:
-            continue
-        kind = tuple(sorted(k for k in record if k not in ("step", "tokens")))
-        kept.pop((record["step"], kind), None)
-        kept[(record["step"], kind)] = record
-    return sorted(kept.values(), key=lambda r: r["step"])
+            record = _after_fragment(line, where)
+            if record is None and is_last:
+                break  # cut short by a kill
+            if record is None:
+                message = f"{where}: not a JSON record ({e.msg}): {line[:80]!r}"
+                raise MetricsError(message) from None
+        if is_train(record):
+            step = record["step"]
+            if last_train_step is not None and step <= last_train_step:
+                # A resume: the steps from here on are recomputed.
+                records = [r for r in records if r["step"] < step]
+            last_train_step = step
+        records.append(record)
+    # Any other record logged twice for a step (e.g. validation): the later one wins.
+    kept, seen = [], set()
+    for r in reversed(records):
+        key = (r["step"], _kind(r))
+        if key not in seen:
+            seen.add(key)
+            kept.append(r)
+    return kept[::-1]
 
 
 def _print_flush(line: str) -> None:

@@ -43,7 +43,7 @@ from tanuki.checkpoint import (
     step_tag,
 )
 from tanuki.config import ConfigError, ParallelConfig, TrainConfig
-from tanuki.metrics import MetricsLogger, format_duration, read_records
+from tanuki.metrics import MetricsLogger, format_duration, read_metrics
 from tanuki.optim import Schedule, lr_at
 from tanuki.parallel.env import DistEnv
 
@@ -268,7 +268,7 @@ def train(
         if state["world_size"] == env.world_size and rng_path.is_file():
             set_rng_state(torch.load(rng_path, weights_only=False))
         if logger is not None and (run_dir / "metrics.jsonl").is_file():
-            logger.replay(read_records(run_dir / "metrics.jsonl", up_to_step=step))
+            logger.replay([r for r in read_metrics(run_dir / "metrics.jsonl") if r["step"] <= step])
         print_fn(f"resumed from {resume_from} at step {step} ({stage.train_loader.state_dict()['consumed_samples']:,} samples consumed)")
     if step >= total_steps:
         print_fn(f"nothing to do: the checkpoint is at step {step} and train.max_steps is {total_steps}")

@@ -27,6 +27,7 @@ SCHEMAS = {
     "tokenizer_report": ("tanuki.tokenizer.config:TokenizerReportConfig", ["tokenizer=tok", "input=a.txt"]),
     "preprocess": ("tanuki.data.config:PreprocessConfig", []),
     "data_info": ("tanuki.data.config:DataInfoConfig", []),
+    "plot": ("tanuki.plot:PlotConfig", ["run.dir=runs/a"]),
 }
 
 

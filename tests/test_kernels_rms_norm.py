@@ -8,18 +8,20 @@ truncates), so outputs agree with PyTorch bit for bit except where the fp32 sum 
 another order, moves a value across a rounding boundary: the tolerance is one bf16 ulp.
 """
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
+import tanuki_kernels
 import torch
-import triton
+import triton.language as tl
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-import tanuki_kernels
+from kernel_helpers import (
+    DEVICE,
+    assert_compiled_matches_eager,
+    assert_compiles_without_interpreter,
+    assert_within_bf16_ulp,
+    compile_for_h100,
+    needs_nvidia_backend,
+)
 from tanuki_kernels import RMSNorm, rms_norm_ref
 from tanuki_kernels.rms_norm import (
     _rms_norm_backward_kernel,
@@ -29,27 +31,9 @@ from tanuki_kernels.rms_norm import (
     rms_norm_forward,
 )
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# cotangents drawn below: the same in any test order
+pytestmark = pytest.mark.usefixtures("seeded")
 EPS = 1e-5
-
-
-@pytest.fixture(autouse=True)
-def seeded():
-    torch.manual_seed(0)  # the cotangents below: the same whatever order the tests run in
-
-
-def bf16_ulp(t: torch.Tensor) -> torch.Tensor:
-    """Spacing of bf16 numbers at the magnitude of ``t`` (8 significant bits)."""
-    exponent = torch.floor(torch.log2(t.float().abs().clamp(min=2.0**-126)))
-    return torch.pow(2.0, exponent - 7)
-
-
-def assert_within_bf16_ulp(actual: torch.Tensor, expected: torch.Tensor, ulps: float = 1.0) -> None:
-    assert actual.dtype == expected.dtype and actual.shape == expected.shape
-    diff = (actual.float() - expected.float()).abs()
-    bound = ulps * torch.maximum(bf16_ulp(actual), bf16_ulp(expected))
-    assert torch.isfinite(actual).all()
-    assert (diff <= bound).all(), f"max excess {(diff - bound).max().item()} at {int((diff > bound).sum())} elements"
 
 
 def inputs(shape, dtype=torch.float32, residual=False, seed=0):
@@ -101,21 +85,32 @@ def test_bf16_within_one_ulp_of_reference(shape, residual):
     assert (got[0] == want[0]).float().mean() > 0.99
 
     cot = [torch.randn_like(t) for t in want]
-    dgot = dict(zip(["x", "r", "w"] if residual else ["x", "w"], grads(got, (x, r, w), cot)))
+    dgot = dict(
+        zip(["x", "r", "w"] if residual else ["x", "w"], grads(got, (x, r, w), cot))
+    )
     # Input gradient oracle: the reference's gradient reaching the fp32 copy of h (before PyTorch casts
     # it to bf16), plus the gradient of the returned sum, rounded once. PyTorch's bf16 autograd rounds
     # twice when adding the two, which can be several ulps off after cancellation.
     h = ((x + r) if residual else x).detach()
     hf = h.float().requires_grad_()
-    y_ref = w.detach() * (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + EPS)).to(torch.bfloat16)
-    dh = torch.autograd.grad(y_ref, hf, cot[0])[0] + (cot[1].float() if residual else 0.0)
+    y_ref = w.detach() * (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + EPS)).to(
+        torch.bfloat16
+    )
+    dh = torch.autograd.grad(y_ref, hf, cot[0])[0] + (
+        cot[1].float() if residual else 0.0
+    )
     assert_within_bf16_ulp(dgot["x"], dh.to(torch.bfloat16))
     if residual:
         assert torch.equal(dgot["r"], dgot["x"])
     # Weight gradient oracle: the fp64 sum over rows of dy * c, c = the bf16-rounded normalised input
     # (PyTorch's own bf16 autograd rounds every product before summing, which is less accurate).
     hd = h.double()
-    c = (hd * torch.rsqrt(hd.pow(2).mean(-1, keepdim=True) + EPS)).float().to(torch.bfloat16).double()
+    c = (
+        (hd * torch.rsqrt(hd.pow(2).mean(-1, keepdim=True) + EPS))
+        .float()
+        .to(torch.bfloat16)
+        .double()
+    )
     dw_exact = (cot[0].double() * c).reshape(-1, shape[-1]).sum(0)
     assert_within_bf16_ulp(dgot["w"], dw_exact.to(torch.bfloat16))
 
@@ -129,20 +124,26 @@ def test_fp32_weight_with_bf16_activations_promotes_like_reference():
     torch.testing.assert_close(y, y_ref)
     assert torch.equal(h, h_ref)
     cot = torch.randn_like(y)
-    dw, dw_ref = torch.autograd.grad(y, w, cot)[0], torch.autograd.grad(y_ref, w, cot)[0]
+    dw, dw_ref = (
+        torch.autograd.grad(y, w, cot)[0],
+        torch.autograd.grad(y_ref, w, cot)[0],
+    )
     torch.testing.assert_close(dw, dw_ref)
 
 
 def test_mixed_residual_dtypes_promote_like_the_eager_add():
     x, w, _ = inputs((3, 5, 32), torch.bfloat16)
-    r = torch.randn(3, 5, 32, device=DEVICE, requires_grad=True)  # an fp32 residual stream
+    # an fp32 residual stream
+    r = torch.randn(3, 5, 32, device=DEVICE, requires_grad=True)
     y, h = rms_norm(x, w, EPS, r)
     y_ref, h_ref = rms_norm_ref(x, w, EPS, r)
     assert h.dtype == torch.float32 and y.dtype == y_ref.dtype
     torch.testing.assert_close(h, h_ref)
     torch.testing.assert_close(y, y_ref)
     cot = torch.randn_like(y_ref)
-    for a, b in zip(torch.autograd.grad(y, (x, r), cot), torch.autograd.grad(y_ref, (x, r), cot)):
+    for a, b in zip(
+        torch.autograd.grad(y, (x, r), cot), torch.autograd.grad(y_ref, (x, r), cot)
+    ):
         assert a.dtype == b.dtype
         torch.testing.assert_close(a, b)
 
@@ -160,17 +161,24 @@ def test_gradcheck_fp64(residual):
     x, w, r = inputs((4, 9), torch.float64, residual=residual, seed=2)
     args = (x, w) if r is None else (x, w, r)
     # Several programs with two rows each exercise the persistent backward loop.
-    assert torch.autograd.gradcheck(lambda *a: rms_norm(*a[:2], EPS, *a[2:], rows_per_program=2), args)
+    assert torch.autograd.gradcheck(
+        lambda *a: rms_norm(*a[:2], EPS, *a[2:], rows_per_program=2), args
+    )
 
 
 @pytest.mark.parametrize(
     "rows_per_program,num_programs",
-    [(1, 1), (2, 3), (4, 64), (16, 2)],  # one program for all, loop with a ragged last tile, idle programs
+    # one program for all, loop with a ragged last tile, idle programs
+    [(1, 1), (2, 3), (4, 64), (16, 2)],
 )
-def test_backward_grid_shapes_reduce_weight_gradient_exactly_once(rows_per_program, num_programs):
+def test_backward_grid_shapes_reduce_weight_gradient_exactly_once(
+    rows_per_program, num_programs
+):
     x, w, _ = inputs((23, 40), torch.float64, seed=3)
     dy = torch.randn_like(x)
-    dx, dw = rms_norm_backward(dy, None, x.detach(), w.detach(), EPS, rows_per_program, num_programs)
+    dx, dw = rms_norm_backward(
+        dy, None, x.detach(), w.detach(), EPS, rows_per_program, num_programs
+    )
     dx_ref, dw_ref = torch.autograd.grad(rms_norm_ref(x, w, EPS), (x, w), dy)
     torch.testing.assert_close(dx, dx_ref)
     torch.testing.assert_close(dw, dw_ref)
@@ -189,17 +197,6 @@ def test_random_shapes_match_reference(rows, cols, residual, rows_per_program, s
     got = rms_norm(x, w, EPS, r, rows_per_program=rows_per_program)
     want = rms_norm_ref(x, w, EPS, r)
     torch.testing.assert_close(got, want)
-
-
-@pytest.fixture
-def poisoned_empty():
-    """Make torch.empty return NaN-filled memory, so that any output element a kernel leaves unwritten shows."""
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    assert torch.utils.deterministic.fill_uninitialized_memory
-    assert torch.isnan(torch.empty(4, device=DEVICE)).all()
-    yield
-    torch.use_deterministic_algorithms(previous)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -240,7 +237,9 @@ def test_padded_inputs_and_sentinel_outputs():
     _, hp = padded(h_ref, float("nan"))
     _, dw = rms_norm_backward(dyp, dhp, hp, w.detach(), EPS, 2, 3, out=dx)
     hh = h_ref.detach().requires_grad_()
-    dx_ref, dw_ref = torch.autograd.grad(rms_norm_ref(hh, w, EPS), (hh, w), dyp.contiguous())
+    dx_ref, dw_ref = torch.autograd.grad(
+        rms_norm_ref(hh, w, EPS), (hh, w), dyp.contiguous()
+    )
     torch.testing.assert_close(dx, dx_ref + dhp)
     torch.testing.assert_close(dw, dw_ref)
     outside = torch.ones_like(dx_big, dtype=torch.bool)
@@ -256,7 +255,9 @@ def test_shared_incoming_gradient_is_not_modified():
     cot = torch.randn_like(out)
     out.backward(cot)
     torch.testing.assert_close(z.grad, cot * 3.0)
-    torch.testing.assert_close(x.grad, torch.autograd.grad(rms_norm_ref(x, w, EPS), x, cot)[0])
+    torch.testing.assert_close(
+        x.grad, torch.autograd.grad(rms_norm_ref(x, w, EPS), x, cot)[0]
+    )
 
 
 def test_in_place_change_of_a_saved_input_raises():
@@ -275,8 +276,14 @@ def test_custom_ops_pass_opcheck():
     for op, args in [
         (torch.ops.tanuki.rms_norm.default, (x, w, EPS, 0)),
         (torch.ops.tanuki.rms_norm_residual.default, (x, r, w, EPS, 2)),
-        (torch.ops.tanuki.rms_norm_backward.default, (dy, dy, x.detach(), w.detach(), EPS, 0)),
-        (torch.ops.tanuki.rms_norm_backward.default, (dy, None, x.detach(), w.detach(), EPS, 1)),
+        (
+            torch.ops.tanuki.rms_norm_backward.default,
+            (dy, dy, x.detach(), w.detach(), EPS, 0),
+        ),
+        (
+            torch.ops.tanuki.rms_norm_backward.default,
+            (dy, None, x.detach(), w.detach(), EPS, 1),
+        ),
     ]:
         results = torch.library.opcheck(op, args)
         assert set(results.values()) == {"SUCCESS"}, results
@@ -289,13 +296,7 @@ def test_torch_compile_fullgraph_matches_eager():
         y, h = rms_norm(x, w, EPS, r)
         return (y * h).sum() + rms_norm(h, w, EPS).square().sum()
 
-    torch._dynamo.reset()
-    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)  # fullgraph: a graph break raises
-    eager = f(x, r, w)
-    got = compiled(x, r, w)
-    torch.testing.assert_close(got, eager)
-    for a, b in zip(torch.autograd.grad(got, (x, r, w)), torch.autograd.grad(eager, (x, r, w))):
-        torch.testing.assert_close(a, b)
+    assert_compiled_matches_eager(f, x, r, w)
 
 
 def test_module_matches_functional_and_keeps_weight_name():
@@ -304,7 +305,7 @@ def test_module_matches_functional_and_keeps_weight_name():
         m.weight.uniform_(0.5, 1.5)
     x = torch.randn(3, 24, device=DEVICE)
     torch.testing.assert_close(m(x), rms_norm_ref(x, m.weight, 1e-6))
-    y, h = m(x, residual=x)
+    _, h = m(x, residual=x)
     torch.testing.assert_close(h, 2 * x)
     assert list(m.state_dict()) == ["weight"]
 
@@ -316,7 +317,9 @@ def test_bad_arguments_raise_clear_errors():
     with pytest.raises(ValueError, match="weight shape"):
         rms_norm(x, w[:4], EPS)
     with pytest.raises(ValueError, match="exceeds"):
-        rms_norm_forward(torch.zeros(1, 70000, device=DEVICE), torch.ones(70000, device=DEVICE), EPS)
+        rms_norm_forward(
+            torch.zeros(1, 70000, device=DEVICE), torch.ones(70000, device=DEVICE), EPS
+        )
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="checks the CPU error path")
@@ -328,41 +331,18 @@ def test_cpu_tensors_without_interpreter_raise(monkeypatch):
 
 
 def compile_kernels_for_h100() -> None:
-    """Compile both kernels, bf16 and fp32, to sm_90 machine code: no GPU needed, only Triton's bundled
-    ptxas. Catches what the interpreter accepts but the compiler rejects (types, constexpr use)."""
-    import triton.language as tl
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
+    """Compile both kernels, bf16 and fp32, to sm_90 machine code (see kernel_helpers.compile_for_h100)."""
+    kw = {"num_warps": 8, "types": {"DW_PARTIAL": "*fp32", "eps": "fp32"}}
     for dtype in ("bf16", "fp32"):
         bf16 = dtype == "bf16"
-        for kernel, constexprs in [
-            (_rms_norm_forward_kernel, dict(HAS_RESIDUAL=True, COMPUTE=tl.float32, X_IS_BF16=bf16,
-                                            Y_IS_BF16=bf16, BLOCK_SIZE=8192, ROWS_PER_PROGRAM=1)),
-            (_rms_norm_backward_kernel, dict(HAS_DH_OUT=True, COMPUTE=tl.float32, X_IS_BF16=bf16,
-                                             BLOCK_SIZE=2048, ROWS_PER_PROGRAM=4)),
-        ]:
-            signature = {}
-            for name in kernel.arg_names:
-                if name in constexprs:
-                    signature[name] = "constexpr"
-                elif name == "DW_PARTIAL":
-                    signature[name] = "*fp32"
-                elif name.isupper():  # tensors
-                    signature[name] = f"*{dtype}"
-                else:
-                    signature[name] = "fp32" if name == "eps" else "i32"
-            src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
-            compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
-            assert compiled.asm["cubin"]
+        fwd = {"HAS_RESIDUAL": True, "X_IS_BF16": bf16, "Y_IS_BF16": bf16}
+        fwd |= {"COMPUTE": tl.float32, "BLOCK_SIZE": 8192, "ROWS_PER_PROGRAM": 1}
+        bwd = {"HAS_DH_OUT": True, "X_IS_BF16": bf16}
+        bwd |= {"COMPUTE": tl.float32, "BLOCK_SIZE": 2048, "ROWS_PER_PROGRAM": 4}
+        compile_for_h100(_rms_norm_forward_kernel, fwd, dtype, **kw)
+        compile_for_h100(_rms_norm_backward_kernel, bwd, dtype, **kw)
 
 
-@pytest.mark.skipif("nvidia" not in triton.backends.backends, reason="Triton's NVIDIA backend is not installed")
+@needs_nvidia_backend
 def test_kernels_compile_for_an_h100():
-    # Triton fixes interpreted-or-compiled at import, so compiling needs a process without the interpreter.
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"  # today's default, stated to silence its warning
-    code = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); " \
-           f"import {Path(__file__).stem} as t; t.compile_kernels_for_h100()"
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert_compiles_without_interpreter(__file__)

@@ -8,41 +8,25 @@ truncates), and angles, cos and sin are the same fp32 values as the reference's 
 libm/numpy cosine), so bf16 outputs agree with PyTorch to one bf16 ulp, nearly all bit for bit.
 """
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
+import tanuki_kernels
 import torch
-import triton
+import triton.language as tl
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-import tanuki_kernels
+from kernel_helpers import (
+    DEVICE,
+    assert_compiled_matches_eager,
+    assert_compiles_without_interpreter,
+    assert_within_bf16_ulp,
+    compile_for_h100,
+    needs_nvidia_backend,
+)
 from tanuki_kernels import Rotary, apply_rotary, rotary_ref
 from tanuki_kernels.rotary import _rotary_kernel, rotary_forward
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-@pytest.fixture(autouse=True)
-def seeded():
-    torch.manual_seed(0)  # the cotangents below: the same whatever order the tests run in
-
-
-def bf16_ulp(t: torch.Tensor) -> torch.Tensor:
-    """Spacing of bf16 numbers at the magnitude of ``t`` (8 significant bits)."""
-    exponent = torch.floor(torch.log2(t.float().abs().clamp(min=2.0**-126)))
-    return torch.pow(2.0, exponent - 7)
-
-
-def assert_within_bf16_ulp(actual: torch.Tensor, expected: torch.Tensor) -> None:
-    assert actual.dtype == expected.dtype and actual.shape == expected.shape
-    diff = (actual.float() - expected.float()).abs()
-    bound = torch.maximum(bf16_ulp(actual), bf16_ulp(expected))
-    assert torch.isfinite(actual).all()
-    assert (diff <= bound).all(), f"max excess {(diff - bound).max().item()} at {int((diff > bound).sum())} elements"
+# cotangents drawn below: the same in any test order
+pytestmark = pytest.mark.usefixtures("seeded")
 
 
 def inv_freq(head_dim: int, theta: float = 10000.0) -> torch.Tensor:
@@ -65,12 +49,18 @@ def qk(B, T, Hq, Hk, D, dtype=torch.float32, seed=0):
 
 # (B, T, Hq, Hk, D): the smallest head, GQA, a single kv head, heads and half-dims that are not powers
 # of two, multi-head attention.
-SHAPES = [(1, 1, 1, 1, 2), (2, 13, 4, 2, 32), (1, 9, 8, 1, 16), (3, 5, 5, 3, 24), (2, 7, 3, 3, 64)]
+SHAPES = [
+    (1, 1, 1, 1, 2),
+    (2, 13, 4, 2, 32),
+    (1, 9, 8, 1, 16),
+    (3, 5, 5, 3, 24),
+    (2, 7, 3, 3, 64),
+]
 
 
 @pytest.mark.parametrize("shape", SHAPES)
 def test_fp32_forward_and_gradients_match_reference(shape):
-    B, T, Hq, Hk, D = shape
+    B, T, _, _, D = shape
     q, k = qk(*shape)
     pos, freq = restarting_positions(B, T), inv_freq(D)
     got = apply_rotary(q, k, pos, freq)
@@ -78,13 +68,15 @@ def test_fp32_forward_and_gradients_match_reference(shape):
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
     cot = [torch.randn_like(t) for t in want]
-    for a, b in zip(torch.autograd.grad(got, (q, k), cot), torch.autograd.grad(want, (q, k), cot)):
+    for a, b in zip(
+        torch.autograd.grad(got, (q, k), cot), torch.autograd.grad(want, (q, k), cot)
+    ):
         torch.testing.assert_close(a, b)
 
 
 @pytest.mark.parametrize("shape", SHAPES[1:])
 def test_bf16_within_one_ulp_of_reference(shape):
-    B, T, Hq, Hk, D = shape
+    B, T, _, _, D = shape
     q, k = qk(*shape, dtype=torch.bfloat16, seed=1)
     pos, freq = restarting_positions(B, T), inv_freq(D)
     got = apply_rotary(q, k, pos, freq)
@@ -93,7 +85,9 @@ def test_bf16_within_one_ulp_of_reference(shape):
         assert_within_bf16_ulp(a, b)
         assert (a == b).float().mean() > 0.99
     cot = [torch.randn_like(t) for t in want]
-    for a, b in zip(torch.autograd.grad(got, (q, k), cot), torch.autograd.grad(want, (q, k), cot)):
+    for a, b in zip(
+        torch.autograd.grad(got, (q, k), cot), torch.autograd.grad(want, (q, k), cot)
+    ):
         assert_within_bf16_ulp(a, b)
 
 
@@ -112,8 +106,10 @@ def test_non_contiguous_views_and_broadcast_positions():
     (g_ref,) = torch.autograd.grad(want[0].sum() + want[1].square().sum(), qkv)
     torch.testing.assert_close(g, g_ref)
 
-    bhtd = torch.randn(B, Hq, T, D, device=DEVICE)  # (B, H, T, D) storage read as (B, T, H, D)
-    strided = torch.randn(B, T, Hk, 2 * D, device=DEVICE)[..., ::2]  # last stride 2: copied first
+    # (B, H, T, D) storage read as (B, T, H, D)
+    bhtd = torch.randn(B, Hq, T, D, device=DEVICE)
+    # last stride 2: copied first
+    strided = torch.randn(B, T, Hk, 2 * D, device=DEVICE)[..., ::2]
     pos_slice = torch.randint(0, 100, (B, 2 * T), device=DEVICE)[:, ::2]
     got = apply_rotary(bhtd.transpose(1, 2), strided, pos_slice, freq)
     want = rotary_ref(bhtd.transpose(1, 2), strided, pos_slice, freq)
@@ -138,7 +134,9 @@ def test_long_positions_against_fp64(theta):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
     # Against exact angles (fp64 throughout): bounded by the fp32 angle rounding.
-    inv64 = 1.0 / theta ** (torch.arange(0, D, 2, dtype=torch.float64, device=DEVICE) / D)
+    inv64 = 1.0 / theta ** (
+        torch.arange(0, D, 2, dtype=torch.float64, device=DEVICE) / D
+    )
     angles = pos.double()[..., None] * inv64
     cos, sin = angles.cos()[:, :, None], angles.sin()[:, :, None]
 
@@ -161,7 +159,7 @@ def test_long_positions_against_fp64(theta):
 def test_gradcheck_fp64():
     q, k = qk(1, 3, 2, 1, 6, dtype=torch.float64, seed=3)
     pos, freq = torch.tensor([[4, 0, 1]], device=DEVICE), inv_freq(6)
-    f = lambda q, k: apply_rotary(q, k, pos, freq, tokens_per_program=2)  # noqa: E731
+    f = lambda q, k: apply_rotary(q, k, pos, freq, tokens_per_program=2)
     assert torch.autograd.gradcheck(f, (q, k))
     # The backward runs through the same differentiable op (the inverse rotation).
     assert torch.autograd.gradgradcheck(f, (q, k), fast_mode=True)
@@ -179,27 +177,19 @@ def test_gradcheck_fp64():
 )
 def test_random_shapes_match_reference(B, T, Hq, Hk, half, tokens_per_program, seed):
     q, k = qk(B, T, Hq, Hk, 2 * half, seed=seed)
-    pos = torch.randint(0, 4096, (B, T), generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+    pos = torch.randint(
+        0, 4096, (B, T), generator=torch.Generator().manual_seed(seed)
+    ).to(DEVICE)
     freq = inv_freq(2 * half)
     got = apply_rotary(q, k, pos, freq, tokens_per_program=tokens_per_program)
     for a, b in zip(got, rotary_ref(q, k, pos, freq)):
         torch.testing.assert_close(a, b)
 
 
-@pytest.fixture
-def poisoned_empty():
-    """Make torch.empty return NaN-filled memory, so that any output element a kernel leaves unwritten shows."""
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    assert torch.utils.deterministic.fill_uninitialized_memory
-    assert torch.isnan(torch.empty(4, device=DEVICE)).all()
-    yield
-    torch.use_deterministic_algorithms(previous)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_every_output_element_is_written(poisoned_empty, dtype):
-    q, k = qk(2, 7, 3, 1, 20, dtype=dtype)  # 14 tokens in tiles of 4, 3 heads in blocks of 4, half 10 of 16
+    # 14 tokens in tiles of 4, 3 heads in blocks of 4, half 10 of 16
+    q, k = qk(2, 7, 3, 1, 20, dtype=dtype)
     pos = restarting_positions(2, 7)
     q_rot, k_rot = apply_rotary(q, k, pos, inv_freq(20), tokens_per_program=4)
     (q_rot.float().sum() + k_rot.float().sum()).backward()
@@ -224,9 +214,12 @@ def test_padded_inputs_and_sentinel_outputs():
     k_big, k_out = padded(torch.zeros_like(k), 12345.0)
     pos, freq = restarting_positions(B, T), inv_freq(D)
     for inverse in (False, True):
-        rotary_forward(qp, kp, pos, freq, inverse, tokens_per_program=2, q_out=q_out, k_out=k_out)
+        rotary_forward(
+            qp, kp, pos, freq, inverse, tokens_per_program=2, q_out=q_out, k_out=k_out
+        )
         sign = -1.0 if inverse else 1.0
-        want = rotary_ref(q, k, pos, sign * freq)  # rotating by -angle = rotating with -inv_freq
+        # rotating by -angle = rotating with -inv_freq
+        want = rotary_ref(q, k, pos, sign * freq)
         torch.testing.assert_close(q_out, want[0])
         torch.testing.assert_close(k_out, want[1])
         for big, h in ((q_big, Hq), (k_big, Hk)):
@@ -240,17 +233,21 @@ def test_shared_incoming_gradient_is_not_modified():
     q, k = qk(1, 4, 2, 1, 8, seed=5)
     z = torch.randn(1, 4, 2, 8, device=DEVICE, requires_grad=True)
     pos, freq = restarting_positions(1, 4), inv_freq(8)
-    q_rot, k_rot = apply_rotary(q, k, pos, freq)
+    q_rot, _ = apply_rotary(q, k, pos, freq)
     out = q_rot + z * 3.0
     cot = torch.randn_like(out)
     (out * cot).sum().backward()
     torch.testing.assert_close(z.grad, cot * 3.0)
-    torch.testing.assert_close(q.grad, torch.autograd.grad(rotary_ref(q, k, pos, freq)[0], q, cot)[0])
+    torch.testing.assert_close(
+        q.grad, torch.autograd.grad(rotary_ref(q, k, pos, freq)[0], q, cot)[0]
+    )
 
 
 def test_empty_sequence():
     q, k = qk(2, 0, 4, 2, 8)
-    q_rot, k_rot = apply_rotary(q, k, torch.zeros(2, 0, dtype=torch.long, device=DEVICE), inv_freq(8))
+    q_rot, k_rot = apply_rotary(
+        q, k, torch.zeros(2, 0, dtype=torch.long, device=DEVICE), inv_freq(8)
+    )
     assert q_rot.shape == q.shape and k_rot.shape == k.shape
 
 
@@ -268,7 +265,9 @@ def test_custom_op_passes_opcheck():
     q, k = qk(2, 3, 2, 1, 8)
     pos, freq = restarting_positions(2, 3), inv_freq(8)
     for inverse in (False, True):
-        results = torch.library.opcheck(torch.ops.tanuki.rotary.default, (q, k, pos, freq, inverse, 0))
+        results = torch.library.opcheck(
+            torch.ops.tanuki.rotary.default, (q, k, pos, freq, inverse, 0)
+        )
         assert set(results.values()) == {"SUCCESS"}, results
 
 
@@ -280,13 +279,7 @@ def test_torch_compile_fullgraph_matches_eager():
         q_rot, k_rot = apply_rotary(q * 2.0, k, pos, freq)
         return (q_rot.sum(2, keepdim=True) * k_rot).square().sum()
 
-    torch._dynamo.reset()
-    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)  # fullgraph: a graph break raises
-    eager = f(q, k)
-    got = compiled(q, k)
-    torch.testing.assert_close(got, eager)
-    for a, b in zip(torch.autograd.grad(got, (q, k)), torch.autograd.grad(eager, (q, k))):
-        torch.testing.assert_close(a, b)
+    assert_compiled_matches_eager(f, q, k)
 
 
 def test_module_has_no_persistent_state():
@@ -320,36 +313,22 @@ def test_cpu_tensors_without_interpreter_raise(monkeypatch):
 
 
 def compile_kernels_for_h100() -> None:
-    """Compile the kernel, bf16 and fp32, forward and inverse, to sm_90 machine code: no GPU needed,
-    only Triton's bundled ptxas. Catches what the interpreter accepts but the compiler rejects."""
-    import triton.language as tl
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
+    """Compile the kernel, bf16 and fp32, forward and inverse, to sm_90 machine code (see
+    kernel_helpers.compile_for_h100)."""
+    types = {"POS": "*i64", "INV_FREQ": "*fp32"}
+    blocks = {"BLOCK_T": 2, "BLOCK_HQ": 32, "BLOCK_HK": 8, "BLOCK_HALF": 64}
     for dtype, inverse in (("bf16", False), ("fp32", True)):
-        constexprs = dict(INVERSE=inverse, COMPUTE=tl.float32, OUT_IS_BF16=dtype == "bf16", BLOCK_T=2,
-                          BLOCK_HQ=32, BLOCK_HK=8, BLOCK_HALF=64)
-        signature = {}
-        for name in _rotary_kernel.arg_names:
-            if name in constexprs:
-                signature[name] = "constexpr"
-            elif name in ("POS", "INV_FREQ"):
-                signature[name] = "*i64" if name == "POS" else "*fp32"
-            elif name.isupper():  # q, k and their outputs
-                signature[name] = f"*{dtype}"
-            else:
-                signature[name] = "i64"
-        src = ASTSource(fn=_rotary_kernel, signature=signature, constexprs=constexprs)
-        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
-        assert compiled.asm["cubin"]
+        constexprs = {
+            "INVERSE": inverse,
+            "COMPUTE": tl.float32,
+            "OUT_IS_BF16": dtype == "bf16",
+            **blocks,
+        }
+        compile_for_h100(
+            _rotary_kernel, constexprs, dtype, num_warps=4, scalar="i64", types=types
+        )
 
 
-@pytest.mark.skipif("nvidia" not in triton.backends.backends, reason="Triton's NVIDIA backend is not installed")
+@needs_nvidia_backend
 def test_kernel_compiles_for_an_h100():
-    # Triton fixes interpreted-or-compiled at import, so compiling needs a process without the interpreter.
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"  # today's default, stated to silence its warning
-    code = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); " \
-           f"import {Path(__file__).stem} as t; t.compile_kernels_for_h100()"
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert_compiles_without_interpreter(__file__)

@@ -6,44 +6,34 @@ rounds (the interpreter's own bf16 cast truncates), so results agree to one bf16
 difference is the last bit of the fp32 exponential.
 """
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
-import torch
-import triton
-
 import tanuki_kernels
+import torch
+import triton.language as tl
+from kernel_helpers import (
+    DEVICE,
+    assert_compiled_matches_eager,
+    assert_compiles_without_interpreter,
+    assert_within_bf16_ulp,
+    compile_for_h100,
+    needs_nvidia_backend,
+)
 from tanuki_kernels import SwiGLU, swiglu_ref
-from tanuki_kernels.swiglu import _swiglu_backward_kernel, _swiglu_forward_kernel, swiglu, swiglu_forward
+from tanuki_kernels.swiglu import (
+    _swiglu_backward_kernel,
+    _swiglu_forward_kernel,
+    swiglu,
+    swiglu_forward,
+)
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-@pytest.fixture(autouse=True)
-def seeded():
-    torch.manual_seed(0)  # the cotangents below: the same whatever order the tests run in
-
-
-def bf16_ulp(t: torch.Tensor) -> torch.Tensor:
-    """Spacing of bf16 numbers at the magnitude of ``t`` (8 significant bits)."""
-    exponent = torch.floor(torch.log2(t.float().abs().clamp(min=2.0**-126)))
-    return torch.pow(2.0, exponent - 7)
-
-
-def assert_within_bf16_ulp(actual: torch.Tensor, expected: torch.Tensor) -> None:
-    assert actual.dtype == expected.dtype and actual.shape == expected.shape
-    diff = (actual.float() - expected.float()).abs()
-    bound = torch.maximum(bf16_ulp(actual), bf16_ulp(expected))
-    assert torch.isfinite(actual).all()
-    assert (diff <= bound).all(), f"max excess {(diff - bound).max().item()} at {int((diff > bound).sum())} elements"
+# cotangents drawn below: the same in any test order
+pytestmark = pytest.mark.usefixtures("seeded")
 
 
 def gate_up(shape, dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)
-    gate = (3 * torch.randn(shape, generator=g)).to(dtype).to(DEVICE).requires_grad_()  # both tails of silu
+    # both tails of silu
+    gate = (3 * torch.randn(shape, generator=g)).to(dtype).to(DEVICE).requires_grad_()
     up = torch.randn(shape, generator=g).to(dtype).to(DEVICE).requires_grad_()
     return gate, up
 
@@ -54,10 +44,14 @@ SHAPES = [(1,), (7, 129), (2, 5, 352), (3000,)]
 @pytest.mark.parametrize("shape", SHAPES)
 def test_fp32_forward_and_gradients_match_reference(shape):
     gate, up = gate_up(shape)
-    got, want = swiglu(gate, up, block_size=256), swiglu_ref(gate, up)  # several programs, a ragged last
+    got = swiglu(gate, up, block_size=256)  # several programs, a ragged last
+    want = swiglu_ref(gate, up)
     torch.testing.assert_close(got, want)
     cot = torch.randn_like(want)
-    for a, b in zip(torch.autograd.grad(got, (gate, up), cot), torch.autograd.grad(want, (gate, up), cot)):
+    for a, b in zip(
+        torch.autograd.grad(got, (gate, up), cot),
+        torch.autograd.grad(want, (gate, up), cot),
+    ):
         torch.testing.assert_close(a, b)
 
 
@@ -68,7 +62,10 @@ def test_bf16_within_one_ulp_of_reference(shape):
     assert_within_bf16_ulp(got, want)
     assert (got == want).float().mean() > 0.99
     cot = torch.randn_like(want)
-    for a, b in zip(torch.autograd.grad(got, (gate, up), cot), torch.autograd.grad(want, (gate, up), cot)):
+    for a, b in zip(
+        torch.autograd.grad(got, (gate, up), cot),
+        torch.autograd.grad(want, (gate, up), cot),
+    ):
         assert_within_bf16_ulp(a, b)
 
 
@@ -79,21 +76,13 @@ def test_gradcheck_fp64():
 
 def test_non_contiguous_inputs():
     both = torch.randn(4, 6, 2 * 24, device=DEVICE, requires_grad=True)
-    gate, up = both[..., :24], both[..., 24:]  # halves of one fused gate/up projection output
+    gate, up = both[..., :24], both[..., 24:]  # halves of one fused gate/up output
     got, want = swiglu(gate, up), swiglu_ref(gate, up)
     torch.testing.assert_close(got, want)
     cot = torch.randn_like(want)
-    torch.testing.assert_close(torch.autograd.grad(got, both, cot)[0], torch.autograd.grad(want, both, cot)[0])
-
-
-@pytest.fixture
-def poisoned_empty():
-    """Make torch.empty return NaN-filled memory, so that any output element a kernel leaves unwritten shows."""
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    assert torch.isnan(torch.empty(4, device=DEVICE)).all()
-    yield
-    torch.use_deterministic_algorithms(previous)
+    torch.testing.assert_close(
+        torch.autograd.grad(got, both, cot)[0], torch.autograd.grad(want, both, cot)[0]
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -130,7 +119,10 @@ def test_custom_ops_pass_opcheck():
     dp = torch.randn(3, 10, device=DEVICE)
     for op, args in [
         (torch.ops.tanuki.swiglu.default, (gate, up, 0)),
-        (torch.ops.tanuki.swiglu_backward.default, (dp, gate.detach(), up.detach(), 16)),
+        (
+            torch.ops.tanuki.swiglu_backward.default,
+            (dp, gate.detach(), up.detach(), 16),
+        ),
     ]:
         results = torch.library.opcheck(op, args)
         assert set(results.values()) == {"SUCCESS"}, results
@@ -142,13 +134,7 @@ def test_torch_compile_fullgraph_matches_eager():
     def f(g, u):
         return (swiglu(g * 2.0, u) * u).sum()
 
-    torch._dynamo.reset()
-    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)  # fullgraph: a graph break raises
-    eager = f(gate, up)
-    got = compiled(gate, up)
-    torch.testing.assert_close(got, eager)
-    for a, b in zip(torch.autograd.grad(got, (gate, up)), torch.autograd.grad(eager, (gate, up))):
-        torch.testing.assert_close(a, b)
+    assert_compiled_matches_eager(f, gate, up)
 
 
 def test_module_and_errors():
@@ -170,29 +156,17 @@ def test_cpu_tensors_without_interpreter_raise(monkeypatch):
 
 
 def compile_kernels_for_h100() -> None:
-    """Compile both kernels, bf16 and fp32, to sm_90 machine code (no GPU needed, only Triton's ptxas)."""
-    import triton.language as tl
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
+    """Compile both kernels, bf16 and fp32, to sm_90 machine code (see kernel_helpers.compile_for_h100)."""
     for dtype in ("bf16", "fp32"):
+        constexprs = {
+            "COMPUTE": tl.float32,
+            "IS_BF16": dtype == "bf16",
+            "BLOCK_SIZE": 1024,
+        }
         for kernel in (_swiglu_forward_kernel, _swiglu_backward_kernel):
-            constexprs = dict(COMPUTE=tl.float32, IS_BF16=dtype == "bf16", BLOCK_SIZE=1024)
-            signature = {
-                name: "constexpr" if name in constexprs else "i64" if name == "n_elements" else f"*{dtype}"
-                for name in kernel.arg_names
-            }
-            src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
-            compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
-            assert compiled.asm["cubin"]
+            compile_for_h100(kernel, constexprs, dtype, num_warps=4, scalar="i64")
 
 
-@pytest.mark.skipif("nvidia" not in triton.backends.backends, reason="Triton's NVIDIA backend is not installed")
+@needs_nvidia_backend
 def test_kernels_compile_for_an_h100():
-    # Triton fixes interpreted-or-compiled at import, so compiling needs a process without the interpreter.
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"  # today's default, stated to silence its warning
-    code = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); " \
-           f"import {Path(__file__).stem} as t; t.compile_kernels_for_h100()"
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert_compiles_without_interpreter(__file__)
