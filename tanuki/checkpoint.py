@@ -6,6 +6,8 @@ config (``tanuki.model_config``, JSON), so that it can be exported or reloaded w
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import tempfile
@@ -245,26 +247,39 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     raise CheckpointError(f"{p}: no complete checkpoint here (expected step_N/{STATE_FILE} under checkpoints/)")
 
 
+def _consolidate_tp_rank(checkpoint: Path, zero_stage: int, tp_rank: int) -> dict[str, torch.Tensor]:
+    """The fp32 weights of one tensor-parallel rank (its shards, gathered over the ZeRO ranks)."""
+    mp = f"mp_rank_{tp_rank:02d}"
+    if zero_stage == 0:
+        module = torch.load(checkpoint / f"{mp}_model_states.pt", map_location="cpu", weights_only=False)["module"]
+        return {k: v.float() for k, v in module.items()}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    # DeepSpeed's consolidation reads every *_model_states.pt / *_optim_states.pt of a directory and
+    # knows nothing of TP ranks: give it a view holding only this rank's files.
+    with tempfile.TemporaryDirectory() as tmp:
+        view = Path(tmp) / "view"
+        view.mkdir()
+        for f in checkpoint.glob(f"*{mp}_*states.pt"):
+            os.symlink(f.resolve(), view / f.name)
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints its progress
+            return get_fp32_state_dict_from_zero_checkpoint(tmp, tag="view")
+
+
 def consolidate_checkpoint(checkpoint_dir: str | os.PathLike) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """The full fp32 model of a checkpoint, gathered from its ZeRO shards on CPU (no GPU, no process group).
+    """The full fp32 model of a checkpoint, gathered from its shards on CPU (no GPU, no process group).
 
     ZeRO stages 1-3 keep the fp32 master weights partitioned in the optimizer shards; DeepSpeed's
     ``get_fp32_state_dict_from_zero_checkpoint`` (the library form of ``zero_to_fp32.py``) joins them.
-    Stage 0 stores the whole module in ``mp_rank_00_model_states.pt``.
+    Stage 0 stores the whole module in ``mp_rank_XX_model_states.pt``. Under tensor parallelism each TP
+    rank's shards are consolidated separately and then merged along the dimensions of the TP plan.
     """
+    from tanuki.parallel.tensor_parallel import merge_state_dicts
+
     p = Path(checkpoint_dir)
     state = read_state(p)
     cfg = from_dict(ModelConfig, state["config"]["model"], prefix="model")
-    if state["config"]["parallel"]["tp"] != 1:
-        raise CheckpointError(f"{p}: tensor-parallel checkpoints are merged by tanuki.hf (tp > 1)")
-    if state["zero_stage"] == 0:
-        module = torch.load(p / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
-        sd = {k: v.float() for k, v in module.items()}
-    else:
-        from deepspeed.utils.zero_to_fp32 import (
-            get_fp32_state_dict_from_zero_checkpoint,
-        )
-
-        sd = get_fp32_state_dict_from_zero_checkpoint(str(p.parent), tag=p.name)
-    sd = {k: v for k, v in sd.items() if not k.endswith("inv_freq")}
-    return cfg, sd
+    tp = state["config"]["parallel"]["tp"]
+    shards = [_consolidate_tp_rank(p, state["zero_stage"], r) for r in range(tp)]
+    sd = merge_state_dicts(shards) if tp > 1 else shards[0]
+    return cfg, {k: v for k, v in sd.items() if not k.endswith("inv_freq")}

@@ -463,6 +463,12 @@ class PretrainConfig:
             "train.seq_len",
             f"{self.train.seq_len} exceeds the model's context model.max_seq_len ({self.model.max_seq_len})",
         )
+        _require(
+            not self.parallel.sp or self.train.seq_len % self.parallel.tp == 0,
+            "parallel.sp",
+            f"sequence parallelism splits train.seq_len={self.train.seq_len} over tp={self.parallel.tp} ranks: "
+            "tp must divide it",
+        )
 
 
 @dataclass(frozen=True)

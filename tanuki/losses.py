@@ -19,6 +19,15 @@ import torch.nn.functional as F
 IGNORE_INDEX = -100
 
 
+@dataclass(frozen=True)
+class VocabParallel:
+    """Where this rank's logits sit in the vocabulary under tensor parallelism."""
+
+    group: object
+    #: global index of this rank's first column
+    start: int
+
+
 @dataclass
 class LossOutput:
     """``loss`` is what to backpropagate; ``ce`` and ``z`` are its parts (detached), per token."""
@@ -37,6 +46,7 @@ def causal_lm_loss(
     vocab_limit: Optional[int] = None,
     ignore_index: int = IGNORE_INDEX,
     normalizer: Optional[float | torch.Tensor] = None,
+    vocab_parallel: Optional[VocabParallel] = None,
 ) -> LossOutput:
     """Mean next-token cross entropy (+ z-loss) over the tokens whose label is not ignored.
 
@@ -49,7 +59,25 @@ def causal_lm_loss(
         normalizer: divide the summed loss by this instead of the local token count. Gradient
             accumulation passes the token count of the whole global batch so that every token weighs
             the same however the batch is split.
+        vocab_parallel: the logits are this tensor-parallel rank's vocabulary slice (see
+            :mod:`tanuki.parallel.cross_entropy`); ``vocab_limit`` stays a global column index.
     """
+    if vocab_parallel is not None:
+        from tanuki.parallel.cross_entropy import vocab_parallel_cross_entropy
+
+        ce_tok, lse = vocab_parallel_cross_entropy(
+            logits, labels, start=vocab_parallel.start, group=vocab_parallel.group, vocab_limit=vocab_limit,
+            ignore_index=ignore_index,
+        )
+        valid = labels != ignore_index
+        count = valid.sum()
+        denom = count.clamp(min=1) if normalizer is None else normalizer
+        ce = ce_tok.sum() / denom
+        loss, z = ce, torch.zeros((), device=logits.device)
+        if z_loss > 0:
+            z = (lse.pow(2) * valid).sum() / denom
+            loss = loss + z_loss * z
+        return LossOutput(loss=loss, ce=ce.detach(), z=z.detach(), tokens=count)
     logits = logits.float()
     if vocab_limit is not None and vocab_limit < logits.shape[-1]:
         logits = logits[..., :vocab_limit]

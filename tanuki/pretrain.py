@@ -82,22 +82,22 @@ def prepare(cfg: PretrainConfig, env: DistEnv) -> Prepared:
         raise ConfigError("parallel.tp", f"tp={cfg.parallel.tp} does not divide the {env.world_size} ranks of this job")
     dp = env.world_size // cfg.parallel.tp
     gas = grad_accumulation_steps(cfg.train, dp)
-    if cfg.parallel.tp > 1:
-        raise ConfigError("parallel.tp", "tensor parallelism is not available in this version of the pretraining loop")
     return Prepared(cfg, vocab, gas)
 
 
-def lm_step(model, batch: dict[str, torch.Tensor], *, z_loss: float, vocab_limit: int | None = None):
+def lm_step(model, batch: dict[str, torch.Tensor], *, z_loss: float, vocab_limit: int | None = None,
+            vocab_parallel=None):
     """One micro-batch of next-token prediction: input ``tokens[:, :-1]``, labels ``tokens[:, 1:]``.
 
-    ``vocab_limit`` (the tokenizer's size) keeps the padding rows of the embedding out of the softmax.
+    ``vocab_limit`` (the tokenizer's size) keeps the padding rows of the embedding out of the softmax;
+    ``vocab_parallel`` says which vocabulary slice this rank's logits are under tensor parallelism.
     """
     from tanuki.losses import causal_lm_loss
     from tanuki.train import StepOutput
 
     tokens = batch["tokens"]
     logits = model(tokens[:, :-1])
-    out = causal_lm_loss(logits, tokens[:, 1:], z_loss=z_loss, vocab_limit=vocab_limit)
+    out = causal_lm_loss(logits, tokens[:, 1:], z_loss=z_loss, vocab_limit=vocab_limit, vocab_parallel=vocab_parallel)
     stats = {"loss": out.ce}
     if z_loss > 0:
         stats["z_loss"] = out.z
@@ -110,9 +110,10 @@ def precision_is_bf16(precision: str) -> bool:
     return precision == "bf16"
 
 
-def build_pretrain_model(cfg: PretrainConfig, device: torch.device):
-    """The model of a run: from ``init`` (a Hugging Face directory) or from ``seed``; kernels applied,
-    activation checkpointing wired. Still fp32 and not yet sharded (DeepSpeed does both)."""
+def build_pretrain_model(cfg: PretrainConfig, device: torch.device, groups=None):
+    """The model of a run, in the order the architecture fixes: the full model from ``init`` (a Hugging
+    Face directory) or from ``seed``; the kernel swap; tensor parallelism (``groups``, when tp > 1);
+    activation checkpointing. Still fp32; DeepSpeed casts and shards it over the DP ranks."""
     from tanuki.fused import apply_kernels
     from tanuki.model import build_model
 
@@ -123,6 +124,10 @@ def build_pretrain_model(cfg: PretrainConfig, device: torch.device):
     else:
         model = build_model(cfg.model, device=device, seed=cfg.seed)
     model = apply_kernels(model, cfg.model.kernels, device=device)
+    if groups is not None and groups.tp > 1:
+        from tanuki.parallel.tensor_parallel import apply_tensor_parallel
+
+        model = apply_tensor_parallel(model, groups, cfg.parallel.sp)
     if cfg.train.activation_checkpointing:
         from torch.utils.checkpoint import checkpoint
 
@@ -137,16 +142,20 @@ def run(prep: Prepared, env: DistEnv, run_dir: Path, print_fn: Callable[[str], N
     from tanuki.data import DataLoader, build_pretrain_datasets
     from tanuki.info import flops_per_token
     from tanuki.metrics import MetricsLogger
+    from tanuki.parallel.groups import build_process_groups
     from tanuki.parallel.zero import build_engine
     from tanuki.train import RunSettings, Stage, train
 
     cfg = prep.cfg
     tc = cfg.train
-    dp_size, dp_rank = env.world_size, env.rank
+    groups = build_process_groups(cfg.parallel.tp)
+    dp_size, dp_rank = groups.dp, groups.dp_rank
     device = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    torch.manual_seed(cfg.seed + env.rank)
+    # The Llama recipe has no dropout; any other randomness is seeded per data-parallel rank, so the
+    # ranks of one TP group draw the same numbers.
+    torch.manual_seed(cfg.seed + dp_rank)
 
     total_steps = tc.total_steps()
     valid_samples = tc.eval_iters * tc.micro_batch_size * dp_size
@@ -158,15 +167,26 @@ def run(prep: Prepared, env: DistEnv, run_dir: Path, print_fn: Callable[[str], N
     valid_batches = None
     if data.valid is not None and tc.eval_iters > 0:
         def valid_batches():
-            return DataLoader(data.valid, micro_batch_size=tc.micro_batch_size, dp_rank=dp_rank, dp_size=dp_size)
+            return tp_broadcast(DataLoader(data.valid, micro_batch_size=tc.micro_batch_size, dp_rank=dp_rank,
+                                           dp_size=dp_size))
 
-    model = build_pretrain_model(cfg, device)
+    def tp_broadcast(inner):
+        if groups.tp == 1:
+            return inner
+        from tanuki.parallel.tensor_parallel import TPBroadcastLoader
+
+        return TPBroadcastLoader(inner, groups)
+
+    loader = tp_broadcast(loader)
     from tanuki.fused import kernel_summary
-    from tanuki.model import count_parameters
+    from tanuki.model import param_counts_formula
 
-    counts, kernels = count_parameters(model), kernel_summary(model)  # before ZeRO-3 partitions them
+    counts = param_counts_formula(cfg.model)
+    model = build_pretrain_model(cfg, device, groups)
+    kernels = kernel_summary(model)
     bf16 = precision_is_bf16(tc.precision)
-    engine, optimizer = build_engine(model, tc, cfg.parallel, dp_size=dp_size, bf16=bf16)
+    engine, optimizer = build_engine(model, tc, cfg.parallel, dp_size=dp_size, bf16=bf16,
+                                     mpu=groups if groups.tp > 1 else None)
 
     config = to_dict(cfg)
     logger = None
@@ -176,7 +196,8 @@ def run(prep: Prepared, env: DistEnv, run_dir: Path, print_fn: Callable[[str], N
         n = counts
         print_fn(
             f"pretraining {n.total:,} parameters ({n.non_embedding:,} non-embedding) on {env.world_size} rank(s) "
-            f"[{env.launcher}], ZeRO-{cfg.parallel.zero_stage}, {'bf16' if bf16 else 'fp32'}, {device.type}; "
+            f"[{env.launcher}] = tp {groups.tp}{' (sequence parallel)' if cfg.parallel.sp else ''} x dp {dp_size}, "
+            f"ZeRO-{cfg.parallel.zero_stage}, {'bf16' if bf16 else 'fp32'}, {device.type}; "
             f"global batch {tc.global_batch_size} = {tc.micro_batch_size} x {dp_size} ranks x {prep.grad_accumulation} "
             f"accumulation; {total_steps} steps = {total_steps * tc.global_batch_size * tc.seq_len:,} tokens; "
             f"kernels {kernels}; run dir {run_dir}"
@@ -195,7 +216,8 @@ def run(prep: Prepared, env: DistEnv, run_dir: Path, print_fn: Callable[[str], N
     stage = Stage(
         name="pretrain",
         model=model,
-        step_fn=functools.partial(lm_step, z_loss=tc.z_loss, vocab_limit=prep.tokenizer_vocab),
+        step_fn=functools.partial(lm_step, z_loss=tc.z_loss, vocab_limit=prep.tokenizer_vocab,
+                                  vocab_parallel=getattr(model, "vocab_parallel", None)),
         train_loader=loader,
         valid_batches=valid_batches,
         tokens_per_step=tc.global_batch_size * tc.seq_len,

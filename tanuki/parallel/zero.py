@@ -102,9 +102,13 @@ def _quiet_deepspeed() -> None:
     warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor).*", category=FutureWarning)
 
 
-def build_engine(model: torch.nn.Module, train: TrainConfig, parallel: ParallelConfig, *, dp_size: int, bf16: bool):
+def build_engine(model: torch.nn.Module, train: TrainConfig, parallel: ParallelConfig, *, dp_size: int, bf16: bool,
+                 mpu=None):
     """Wrap ``model`` in a DeepSpeed engine; returns ``(engine, optimizer)`` (the client AdamW, whose
-    ``param_groups`` the loop sets the learning rate on and whose ``skipped`` flag it reads)."""
+    ``param_groups`` the loop sets the learning rate on and whose ``skipped`` flag it reads).
+
+    ``mpu`` (a :class:`~tanuki.parallel.groups.ProcessGroups`) tells DeepSpeed the tensor- and
+    data-parallel groups under TP: ZeRO then partitions over the DP group only."""
     import deepspeed
 
     from tanuki.optim import param_groups
@@ -120,5 +124,6 @@ def build_engine(model: torch.nn.Module, train: TrainConfig, parallel: ParallelC
         g.pop("names")
     optimizer = GuardedAdamW(groups, lr=train.lr, betas=tuple(train.betas), eps=train.eps)
     config = deepspeed_config(train, parallel, dp_size=dp_size, bf16=bf16)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config, dist_init_required=False)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config, mpu=mpu,
+                                           dist_init_required=False)
     return engine, optimizer
