@@ -23,15 +23,25 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def step(title: str) -> None:
     print(f"\n=== {title} ===", flush=True)
 
 
-def run(*args: str) -> None:
-    """Run ``python <args>`` from the repository root, echoing the command."""
-    print("$ python " + " ".join(shlex.quote(a) for a in args), flush=True)
+def run(*args: str, launcher: tuple[str, ...] = ()) -> None:
+    """Run ``python <args>`` (or ``<launcher> <args>``) from the repository root, echoing the command."""
+    shown = " ".join(launcher) if launcher else "python"
+    print(f"$ {shown} " + " ".join(shlex.quote(a) for a in args), flush=True)
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
-    subprocess.run([sys.executable, *args], cwd=REPO, env=env, check=True)
+    cmd = [str(Path(sys.executable).parent / launcher[0]), *launcher[1:], *args] if launcher else [sys.executable, *args]
+    subprocess.run(cmd, cwd=REPO, env=env, check=True)
 
 
 def unigram_entropy(prefix: Path) -> float:
@@ -111,6 +121,22 @@ def main(out: Path, steps: int = 200) -> None:
     print(f"greedy continuation of 今日は, transformers: {tok.decode(theirs)!r}")
     if ours != theirs or diff > 1e-4:
         raise SystemExit("demo: tanuki and transformers disagree")
+
+    step("8. Tensor + sequence parallelism on 2 CPU processes: the same losses as one process")
+    short = [f"data.prefixes=[{rel}/data/sample]", f"tokenizer.path={rel}/tokenizer", "train.max_steps=5",
+             "train.seq_len=128", "logging.every=1", "logging.wandb.mode=disabled", "checkpoint.every=5"]
+    run("launch/pretrain.py", *short, f"run.dir={rel}/run-tp1")
+    run("launch/pretrain.py", *short, f"run.dir={rel}/run-tp2", "parallel.tp=2", "parallel.sp=true",
+        launcher=("deepspeed", "--num_gpus", "2", "--master_port", str(free_port())))
+    one, two = (
+        [json.loads(line)["loss"] for line in (out / d / "metrics.jsonl").read_text().splitlines()]
+        for d in ("run-tp1", "run-tp2")
+    )
+    print("step  loss (1 process)  loss (tp=2, sp)")
+    for i, (a, b) in enumerate(zip(one, two), start=1):
+        print(f"{i:>4}  {a:16.6f}  {b:15.6f}")
+    if max(abs(a - b) for a, b in zip(one, two)) > 1e-4:
+        raise SystemExit("demo: tensor parallelism changed the losses")
 
     print(f"\ndemo finished in {time.time() - t0:.0f} s; outputs in {out}")
 
