@@ -293,3 +293,12 @@ def test_init_from_a_hugging_face_model_and_export_at_the_end(tiny_corpus, refer
     assert any(f"exported the final checkpoint to {out}" in ln for ln in lines)
     reloaded = AutoModelForCausalLM.from_pretrained(out)
     assert reloaded.config.num_hidden_layers == 2
+
+
+def test_keep_last_prunes_old_checkpoints_and_max_tokens_sets_the_length(tiny_corpus, tmp_path):
+    # 8 x 32 tokens per step: 1,300 tokens round up to 6 steps
+    result, _, losses = train(tiny_corpus, tmp_path, "train.max_tokens=1300", "checkpoint.keep_last=2")
+    assert sorted(losses) == [1, 2, 3, 4, 5, 6] and result.step == 6
+    root = tmp_path / "checkpoints"
+    assert sorted(p.name for p in root.glob("step_*")) == ["step_00000004", "step_00000006"]
+    assert latest_checkpoint(root) == root / "step_00000006"
