@@ -132,12 +132,13 @@ def test_parallel_layers_equal_the_unsharded_ones(tp, sp):
 # -- model level ------------------------------------------------------------------------------------
 
 
-def model_grads(rank, world, tp, sp):
+def model_grads(rank, world, tp, sp, kernels="torch"):
+    from tanuki.fused import apply_kernels
     from tanuki.losses import causal_lm_loss
     from tanuki.model import build_model
     from tanuki.parallel.tensor_parallel import apply_tensor_parallel
 
-    model = build_model(ODD, seed=0)
+    model = apply_kernels(build_model(ODD, seed=0), kernels)  # the order the training builder uses
     if tp > 1:
         model = apply_tensor_parallel(model, _groups(tp), sp)
     tokens = torch.randint(0, VOCAB_LIMIT, (2, 17), generator=torch.Generator().manual_seed(1))
@@ -157,6 +158,16 @@ def test_model_loss_and_gradients_equal_one_process(tp, sp):
     assert sorted(merged) == sorted(ref_grads)
     for k in ref_grads:
         torch.testing.assert_close(merged[k], ref_grads[k], rtol=1e-5, atol=1e-7, msg=k)
+
+
+def test_triton_kernels_compose_with_tensor_and_sequence_parallelism():
+    """The fused RMSNorm (on sequence shards), rotary and SwiGLU (on head / column shards) under TP=2 + SP."""
+    ref_loss, ref_grads = model_grads(0, 1, 1, False)
+    results = run_ranks(model_grads, 2, 2, True, "triton")
+    assert all(loss == pytest.approx(ref_loss, rel=1e-5) for loss, _ in results)
+    merged = merge_state_dicts([g for _, g in results])
+    for k in ref_grads:
+        torch.testing.assert_close(merged[k], ref_grads[k], rtol=1e-4, atol=1e-6, msg=k)
 
 
 def test_shard_and_merge_are_inverse():
