@@ -387,3 +387,115 @@ def import_hf(path: str | os.PathLike, device: str | torch.device = "cpu", dtype
         if isinstance(module, Rotary):
             module.reset_parameters()
     return model.to(dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# PEFT LoRA adapters
+# --------------------------------------------------------------------------------------------------
+#
+# A PEFT adapter of a causal LM names its tensors by their path in ``PeftModelForCausalLM`` ->
+# ``LoraModel`` -> ``LlamaForCausalLM``: ``base_model.model.`` + the HF module path + ``.lora_A.weight``
+# (A is (r, in)) or ``.lora_B.weight`` (B is (out, r)); whole modules trained alongside
+# (``modules_to_save``) are saved under their plain HF parameter name, e.g.
+# ``base_model.model.lm_head.weight`` (PEFT strips its ``modules_to_save.default.`` wrapper on save).
+# tanuki's LoRA parameters are ``<module>.lora_A.weight`` / ``<module>.lora_B.weight`` beside the
+# module's ``weight`` (tanuki/lora.py), so both directions are renames of the module path.
+
+#: prefix of every tensor name in a PEFT adapter of a causal LM
+PEFT_PREFIX = "base_model.model."
+PEFT_CONFIG_FILE = "adapter_config.json"
+PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
+_LORA_FACTOR_RE = re.compile(r"^(.+)\.(lora_A|lora_B)\.weight$")
+
+
+def hf_module_path(module: str) -> str:
+    """HF path of the tanuki module holding a weight (``layers.0.attn.wq`` -> ``model.layers.0.self_attn.q_proj``,
+    ``embed`` -> ``model.embed_tokens``, ``head`` -> ``lm_head``). Its last component is the name PEFT's
+    ``target_modules`` / ``modules_to_save`` use."""
+    return to_hf_name(module + ".weight").removesuffix(".weight")
+
+
+def to_peft_name(name: str) -> str:
+    """PEFT adapter key of a tanuki LoRA factor or fully trained parameter
+    (``layers.0.attn.wq.lora_A.weight`` -> ``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``,
+    ``head.weight`` -> ``base_model.model.lm_head.weight``)."""
+    m = _LORA_FACTOR_RE.match(name)
+    if m:
+        return f"{PEFT_PREFIX}{hf_module_path(m.group(1))}.{m.group(2)}.weight"
+    return PEFT_PREFIX + to_hf_name(name)
+
+
+def from_peft_name(key: str) -> str:
+    """Inverse of :func:`to_peft_name`."""
+    if not key.startswith(PEFT_PREFIX):
+        raise KeyError(f"'{key}' is not a PEFT causal-LM adapter key (they start with '{PEFT_PREFIX}')")
+    rest = key[len(PEFT_PREFIX):]
+    m = _LORA_FACTOR_RE.match(rest)
+    try:
+        if m:
+            return f"{from_hf_name(m.group(1) + '.weight').removesuffix('.weight')}.{m.group(2)}.weight"
+        return from_hf_name(rest)
+    except KeyError:
+        raise KeyError(f"no tanuki name for PEFT adapter tensor '{key}'") from None
+
+
+def write_peft_adapter(
+    tensors: Mapping[str, torch.Tensor],
+    adapter_config: Mapping,
+    output_dir: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+) -> Path:
+    """Write a PEFT adapter directory: ``adapter_config.json`` and ``adapter_model.safetensors``.
+
+    ``tensors`` are named the tanuki way (LoRA factors and fully trained parameters, see
+    :func:`to_peft_name`); ``adapter_config`` is written as given. Like :func:`export_hf`, the directory
+    is assembled under a temporary name and renamed into place when complete, and a non-empty
+    ``output_dir`` is replaced only with ``overwrite=True``.
+    """
+    from safetensors.torch import save_file
+
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not overwrite and any(output_dir.iterdir()):
+        raise FileExistsError(f"{output_dir} exists and is not empty (pass overwrite=True to replace it)")
+    peft_sd = {to_peft_name(name): t.detach().contiguous().cpu() for name, t in tensors.items()}
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+    try:
+        save_file(peft_sd, tmp / PEFT_WEIGHTS_FILE, metadata={"format": "pt"})
+        (tmp / PEFT_CONFIG_FILE).write_text(json.dumps(dict(adapter_config), indent=2) + "\n")
+        if output_dir.exists():
+            shutil.rmtree(output_dir)
+        os.replace(tmp, output_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return output_dir
+
+
+def read_peft_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Read a PEFT adapter directory: its ``adapter_config.json`` and its tensors (tanuki names, CPU)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_dir():
+        raise HFFormatError(f"{path}: not a directory (expected a PEFT adapter directory)")
+    cfg_file, weights = path / PEFT_CONFIG_FILE, path / PEFT_WEIGHTS_FILE
+    if not cfg_file.is_file():
+        raise HFFormatError(f"{cfg_file}: missing (not a PEFT adapter directory)")
+    try:
+        config = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise HFFormatError(f"{cfg_file}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    if not weights.is_file():
+        hint = " (adapter_model.bin: re-save it with save_pretrained(safe_serialization=True))"
+        raise HFFormatError(f"{weights}: missing{hint if (path / 'adapter_model.bin').is_file() else ''}")
+    tensors: dict[str, torch.Tensor] = {}
+    with safe_open(str(weights), framework="pt") as fh:
+        for key in fh.keys():
+            try:
+                name = from_peft_name(key)
+            except KeyError as e:
+                raise HFFormatError(f"{weights}: {e.args[0]}") from None
+            tensors[name] = fh.get_tensor(key)
+    return config, tensors
