@@ -68,6 +68,8 @@ def load_model_file(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, tor
 #     step_00001000/              DeepSpeed's files (mp_rank_00_model_states.pt, ZeRO optimizer shards)
 #         tanuki_state.json       step, consumed samples, the run's config, the layout that wrote it
 #         rng_rank00000.pt ...    every rank's RNG states
+#         universal/              made on a resume with another TP/DP shape: DeepSpeed's universal form
+#                                 (tanuki.parallel.reshard), kept for the next such resume
 #     step_00002000.partial/      a save in progress (or killed mid-way): never read, removed later
 #     zero_to_fp32.py             DeepSpeed's consolidation script (offline; no GPU needed)
 #

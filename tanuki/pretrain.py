@@ -21,7 +21,8 @@ from tanuki.config import ConfigError, PretrainConfig, to_dict
 from tanuki.parallel.env import DistEnv
 
 #: checkpoint settings a resumed run must share with the run that wrote the checkpoint
-RESUME_KEYS = ("model", "parallel.tp", "parallel.zero_stage", "train.seq_len")
+#: (a different parallel.tp or number of ranks is resharded on load: tanuki.parallel.reshard)
+RESUME_KEYS = ("model", "parallel.zero_stage", "train.seq_len")
 
 
 @dataclass
@@ -128,6 +129,10 @@ def build_pretrain_model(cfg: PretrainConfig, device: torch.device, groups=None)
         from tanuki.parallel.tensor_parallel import apply_tensor_parallel
 
         model = apply_tensor_parallel(model, groups, cfg.parallel.sp)
+    from tanuki.parallel.tensor_parallel import universal_checkpoint_info
+
+    # Saved by DeepSpeed into every checkpoint: how to join TP shards when resharding on load.
+    model.universal_checkpoint_info = universal_checkpoint_info(name for name, _ in model.named_parameters())
     if cfg.train.activation_checkpointing:
         from torch.utils.checkpoint import checkpoint
 
@@ -143,11 +148,25 @@ def run(prep: Prepared, env: DistEnv, run_dir: Path, print_fn: Callable[[str], N
     from tanuki.info import flops_per_token
     from tanuki.metrics import MetricsLogger
     from tanuki.parallel.groups import build_process_groups
+    from tanuki.parallel.reshard import needs_reshard
     from tanuki.parallel.zero import build_engine
-    from tanuki.train import RunSettings, Stage, train
+    from tanuki.train import (
+        RunSettings,
+        Stage,
+        check_resumable,
+        find_resume_checkpoint,
+        train,
+    )
 
     cfg = prep.cfg
     tc = cfg.train
+    # A checkpoint to resume from is checked before anything is built; one written on another TP/DP
+    # shape needs an engine that loads DeepSpeed's universal checkpoint format.
+    resume_from = find_resume_checkpoint(cfg.resume, run_dir / "checkpoints")
+    load_universal = False
+    if resume_from is not None:
+        state = check_resumable(resume_from, to_dict(cfg), RESUME_KEYS, env, cfg.parallel)
+        load_universal = needs_reshard(state, tp=cfg.parallel.tp, world_size=env.world_size)
     groups = build_process_groups(cfg.parallel.tp)
     dp_size, dp_rank = groups.dp, groups.dp_rank
     device = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
@@ -186,7 +205,7 @@ def run(prep: Prepared, env: DistEnv, run_dir: Path, print_fn: Callable[[str], N
     kernels = kernel_summary(model)
     bf16 = precision_is_bf16(tc.precision)
     engine, optimizer = build_engine(model, tc, cfg.parallel, dp_size=dp_size, bf16=bf16,
-                                     mpu=groups if groups.tp > 1 else None)
+                                     mpu=groups if groups.tp > 1 else None, load_universal=load_universal)
 
     config = to_dict(cfg)
     logger = None

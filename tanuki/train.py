@@ -46,6 +46,13 @@ from tanuki.config import ConfigError, ParallelConfig, TrainConfig
 from tanuki.metrics import MetricsLogger, format_duration, read_metrics
 from tanuki.optim import Schedule, lr_at
 from tanuki.parallel.env import DistEnv
+from tanuki.parallel.reshard import (
+    check_reshardable,
+    ensure_universal,
+    needs_reshard,
+    repair_optimizer_after_load,
+    topology,
+)
 
 GIB = 1024**3
 
@@ -83,6 +90,13 @@ class Stage:
     resume_keys: tuple[str, ...] = ("model",)
     #: called by rank 0 with the final checkpoint directory after training (e.g. Hugging Face export)
     on_finish: Callable[[Path], None] | None = None
+    #: loss tokens in the next ``n`` micro-steps of all ranks (the loader's position is the start of an
+    #: optimizer step). When given, each micro-batch carries ``loss_normalizer`` so that the summed loss
+    #: of every token of the global batch is divided by the same count (SFT with uneven rows).
+    loss_tokens: Callable[[int], int] | None = None
+    #: called with the 0-based index of every optimizer step before its first micro-batch (LISA's
+    #: layer sampling counts periods in optimizer steps)
+    on_step_start: Callable[[int], None] | None = None
 
 
 @dataclass
@@ -189,17 +203,15 @@ def find_resume_checkpoint(resume: str, root: Path) -> Path | None:
         raise ConfigError("resume", str(e)) from None
 
 
-def check_resumable(checkpoint: Path, stage: Stage, env: DistEnv, zero_stage: int) -> dict:
-    """The checkpoint's state, after checking it was written by a compatible run (before loading)."""
+def check_resumable(checkpoint: Path, config: dict, resume_keys: tuple[str, ...], env: DistEnv,
+                    parallel: ParallelConfig) -> dict:
+    """The checkpoint's state, after checking it was written by a compatible run (before loading).
+
+    A checkpoint written on another shape (TP size, number of ranks) is accepted when
+    :mod:`tanuki.parallel.reshard` can reshard it on load; otherwise a ConfigError names the key."""
     state = read_state(checkpoint)
-    check_compatible(state["config"], stage.config, checkpoint, stage.resume_keys)
-    if zero_stage > 0 and state["world_size"] != env.world_size:
-        raise ConfigError(
-            "parallel.zero_stage",
-            f"{checkpoint} holds ZeRO-{zero_stage} optimizer shards of {state['world_size']} ranks; this job has "
-            f"{env.world_size}. Resume with {state['world_size']} ranks, or export the checkpoint and start a "
-            "new run from it with init=",
-        )
+    check_compatible(state["config"], config, checkpoint, resume_keys)
+    check_reshardable(checkpoint, state, tp=parallel.tp, world_size=env.world_size)
     return state
 
 
@@ -256,12 +268,24 @@ def train(
     step, skipped_total = 0, 0
     resume_from = find_resume_checkpoint(run.resume, ckpt_root)
     if resume_from is not None:
-        state = check_resumable(resume_from, stage, env, run.parallel.zero_stage)
+        state = check_resumable(resume_from, stage.config, stage.resume_keys, env, run.parallel)
+        load_from = resume_from
+        if needs_reshard(state, tp=run.parallel.tp, world_size=env.world_size):
+            # Written on another TP/DP shape: load DeepSpeed's universal form of it (made once, by rank 0).
+            if not engine.load_universal_checkpoint():
+                raise ConfigError(
+                    "parallel.tp",
+                    f"{resume_from} was written with tp={topology(state)[0]} on {topology(state)[1]} ranks; resharding "
+                    f"it needs an engine built with load_universal=True (tanuki.parallel.zero.build_engine)",
+                )
+            load_from = ensure_universal(resume_from, env.is_main, engine.device)
         load_path, _ = engine.load_checkpoint(
-            str(resume_from.parent), tag=resume_from.name, load_optimizer_states=True, load_lr_scheduler_states=False
+            str(load_from.parent), tag=load_from.name, load_optimizer_states=True, load_lr_scheduler_states=False
         )
         if load_path is None:
             raise CheckpointError(f"{resume_from}: DeepSpeed found no model states to load")
+        if load_from != resume_from:
+            repair_optimizer_after_load(optimizer, load_from)
         step, skipped_total = state["step"], state["skipped_steps"]
         stage.train_loader.load_state_dict(state["loader"])
         rng_path = resume_from / rng_file(env.rank)
@@ -269,7 +293,9 @@ def train(
             set_rng_state(torch.load(rng_path, weights_only=False))
         if logger is not None and (run_dir / "metrics.jsonl").is_file():
             logger.replay([r for r in read_metrics(run_dir / "metrics.jsonl") if r["step"] <= step])
-        print_fn(f"resumed from {resume_from} at step {step} ({stage.train_loader.state_dict()['consumed_samples']:,} samples consumed)")
+        resharded = f", resharded from tp={topology(state)[0]} on {topology(state)[1]} ranks" if load_from != resume_from else ""
+        print_fn(f"resumed from {resume_from} at step {step} ({stage.train_loader.state_dict()['consumed_samples']:,} "
+                 f"samples consumed{resharded})")
     if step >= total_steps:
         print_fn(f"nothing to do: the checkpoint is at step {step} and train.max_steps is {total_steps}")
 
@@ -297,6 +323,8 @@ def train(
     engine.train()
     try:
         while step < total_steps:
+            if stage.on_step_start is not None:
+                stage.on_step_start(step)
             lr = lr_at(step, schedule)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -304,8 +332,16 @@ def train(
             # Gradient accumulation: DeepSpeed sums the micro-batch gradients and steps on the last.
             sums: dict[str, torch.Tensor] = {}
             optimizer.skipped = False
+            normalizer = None
+            if stage.loss_tokens is not None:
+                # DeepSpeed divides each micro-batch loss by the accumulation steps and averages the
+                # gradients over the data-parallel ranks; undo both so the global token count rules.
+                dp = env.world_size // run.parallel.tp
+                normalizer = max(stage.loss_tokens(gas), 1) / (gas * dp)
             for _ in range(gas):
                 batch = _to(next(batches), device)
+                if normalizer is not None:
+                    batch["loss_normalizer"] = normalizer
                 out = stage.step_fn(engine, batch)
                 engine.backward(out.loss)
                 engine.step()

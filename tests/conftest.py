@@ -107,3 +107,18 @@ TINY_TRAIN = [
 def tiny_train_overrides(corpus: dict, run_dir, *extra: str) -> list[str]:
     return [f"data.prefixes=[{corpus['prefix']}]", f"tokenizer.path={corpus['tokenizer']}", f"run.dir={run_dir}",
             *TINY_TRAIN, *extra]
+
+
+@pytest.fixture(scope="session")
+def single_process_group():
+    """A one-rank gloo process group for the in-process training tests, kept for the whole session:
+    DeepSpeed caches its process groups in module globals, so a group destroyed and created again in
+    the same process would leave it holding stale ones."""
+    import torch.distributed as dist
+
+    from tanuki.parallel.env import DistEnv, init_distributed
+
+    init_distributed(DistEnv(0, 1, 0, "single"), "gloo")
+    yield
+    if dist.is_initialized():
+        dist.destroy_process_group()

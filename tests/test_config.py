@@ -27,7 +27,9 @@ SCHEMAS = {
     "tokenizer_report": ("tanuki.tokenizer.config:TokenizerReportConfig", ["tokenizer=tok", "input=a.txt"]),
     "preprocess": ("tanuki.data.config:PreprocessConfig", []),
     "data_info": ("tanuki.data.config:DataInfoConfig", []),
+    "sft": ("tanuki.sft:SFTConfig", ["init=hf"]),
     "plot": ("tanuki.plot:PlotConfig", ["run.dir=runs/a"]),
+    "chat": ("tanuki.chat:ChatConfig", ["model=hf"]),
 }
 
 

@@ -11,7 +11,7 @@ from tanuki import checkpoint as ckpt_mod
 from tanuki.checkpoint import consolidate_checkpoint, latest_checkpoint, read_state
 from tanuki.config import ConfigError, PretrainConfig, from_dict
 from tanuki.optim import Schedule, lr_at
-from tanuki.parallel.env import DistEnv, init_distributed
+from tanuki.parallel.env import DistEnv
 
 pytestmark = pytest.mark.distributed
 
@@ -19,13 +19,8 @@ ENV = DistEnv(0, 1, 0, "single")
 
 
 @pytest.fixture(scope="module", autouse=True)
-def process_group():
-    import torch.distributed as dist
-
-    init_distributed(ENV, "gloo")
+def process_group(single_process_group):
     yield
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def config(corpus, run_dir, *extra) -> PretrainConfig:

@@ -77,6 +77,42 @@ def shard_state_dict(state_dict: dict[str, torch.Tensor], tp: int, rank: int) ->
     return {k: shard_tensor(k, v, tp, rank).clone() for k, v in state_dict.items()}
 
 
+def universal_checkpoint_info(param_names) -> dict:
+    """How the TP shards of each parameter join, in the form DeepSpeed's universal checkpoint
+    conversion reads from ``model.universal_checkpoint_info`` (saved into every checkpoint).
+
+    ``ds_to_universal`` concatenates the TP slices of a parameter along dim 0 unless a pattern says
+    otherwise: row-parallel weights along dim 1, replicated ones (norm gains) taken from TP rank 0.
+    Patterns are anchored regular expressions with the layer index generalised, one per kind of
+    parameter present (DeepSpeed's strict mode rejects patterns that match nothing).
+    See ``deepspeed/checkpoint/ds_to_universal.py`` (``merge_tp_slices``) and ``constants.py``.
+    """
+    import re
+
+    from deepspeed.checkpoint.constants import (
+        PARAMETER_WITH_ROW_PARALLELISM_PATTERNS,
+        TP_REPLICATED_PARAMETER_PATTERNS,
+        UNIVERSAL_CHECKPOINT_VERSION_KEY,
+        UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+    )
+
+    def pattern(name: str) -> str:
+        return re.sub(r"\\.\d+\\.", r"\\.\\d+\\.", re.escape(name)) + "$"
+
+    row, replicated = set(), set()
+    for name in param_names:
+        dim = split_dim(name)
+        if dim is None:
+            replicated.add(pattern(name))
+        elif dim == ROW:
+            row.add(pattern(name))
+    return {
+        UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+        TP_REPLICATED_PARAMETER_PATTERNS: sorted(replicated),
+        PARAMETER_WITH_ROW_PARALLELISM_PATTERNS: sorted(row),
+    }
+
+
 def merge_state_dicts(shards: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """The full state dict from every TP rank's state dict, in TP-rank order."""
     merged = {}

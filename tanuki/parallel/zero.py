@@ -30,8 +30,12 @@ def grad_accumulation_steps(train: TrainConfig, dp_size: int) -> int:
     return train.global_batch_size // per_step
 
 
-def deepspeed_config(train: TrainConfig, parallel: ParallelConfig, *, dp_size: int, bf16: bool) -> dict:
-    """The DeepSpeed config dict of a run (batch geometry, ZeRO stage, clipping, precision)."""
+def deepspeed_config(train: TrainConfig, parallel: ParallelConfig, *, dp_size: int, bf16: bool,
+                     load_universal: bool = False) -> dict:
+    """The DeepSpeed config dict of a run (batch geometry, ZeRO stage, clipping, precision).
+
+    ``load_universal``: the run resumes from a universal checkpoint (a checkpoint written on another
+    TP/DP shape, converted by :mod:`tanuki.parallel.reshard`)."""
     zero: dict = {"stage": parallel.zero_stage}
     if parallel.zero_stage >= 2:
         zero.update(overlap_comm=True, contiguous_gradients=True, reduce_bucket_size=5e8)
@@ -56,6 +60,7 @@ def deepspeed_config(train: TrainConfig, parallel: ParallelConfig, *, dp_size: i
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,  # tanuki prints its own progress line
         "wall_clock_breakdown": False,
+        "checkpoint": {"load_universal": load_universal},
     }
 
 
@@ -103,12 +108,13 @@ def _quiet_deepspeed() -> None:
 
 
 def build_engine(model: torch.nn.Module, train: TrainConfig, parallel: ParallelConfig, *, dp_size: int, bf16: bool,
-                 mpu=None):
+                 mpu=None, load_universal: bool = False):
     """Wrap ``model`` in a DeepSpeed engine; returns ``(engine, optimizer)`` (the client AdamW, whose
     ``param_groups`` the loop sets the learning rate on and whose ``skipped`` flag it reads).
 
     ``mpu`` (a :class:`~tanuki.parallel.groups.ProcessGroups`) tells DeepSpeed the tensor- and
-    data-parallel groups under TP: ZeRO then partitions over the DP group only."""
+    data-parallel groups under TP: ZeRO then partitions over the DP group only. ``load_universal``: see
+    :func:`deepspeed_config`."""
     import deepspeed
 
     from tanuki.optim import param_groups
@@ -123,7 +129,7 @@ def build_engine(model: torch.nn.Module, train: TrainConfig, parallel: ParallelC
     for g in groups:
         g.pop("names")
     optimizer = GuardedAdamW(groups, lr=train.lr, betas=tuple(train.betas), eps=train.eps)
-    config = deepspeed_config(train, parallel, dp_size=dp_size, bf16=bf16)
+    config = deepspeed_config(train, parallel, dp_size=dp_size, bf16=bf16, load_universal=load_universal)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config, mpu=mpu,
                                            dist_init_required=False)
     return engine, optimizer

@@ -13,9 +13,17 @@ import importlib.resources
 import pathlib
 
 from tanuki.tokenizer.build import TokenizerBuildError, build_tokenizer
-from tanuki.tokenizer.config import BuildTokenizerConfig, SpecialTokens, TokenizerReportConfig
+from tanuki.tokenizer.config import (
+    BuildTokenizerConfig,
+    SpecialTokens,
+    TokenizerReportConfig,
+)
 from tanuki.tokenizer.encode import FastEncoder, load
-from tanuki.tokenizer.report import detect_language, format_summary, report_for_directory
+from tanuki.tokenizer.report import (
+    detect_language,
+    format_summary,
+    report_for_directory,
+)
 from tanuki.tokenizer.templates import DEFAULT_CHAT_TEMPLATE, JAPANESE_ALPACA_TEMPLATE
 
 

@@ -37,7 +37,8 @@ from typing import Callable, Iterator, Optional, TextIO
 
 from tanuki.config import pad_vocab_size, to_dict
 from tanuki.textio import Document, ReadStats, expand_inputs, iter_documents
-from tanuki.tokenizer import convert, report as report_mod
+from tanuki.tokenizer import convert
+from tanuki.tokenizer import report as report_mod
 from tanuki.tokenizer.config import NUM_BYTE_PIECES, BuildTokenizerConfig
 from tanuki.tokenizer.encode import BUILDER_MARK, FastEncoder
 from tanuki.tokenizer.templates import DEFAULT_CHAT_TEMPLATE

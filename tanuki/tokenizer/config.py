@@ -8,6 +8,7 @@ from typing import Literal, Optional, Union
 
 from tanuki.config import ConfigError
 
+
 def _require(cond: bool, key: str, message: str) -> None:
     if not cond:
         raise ConfigError(key, message)

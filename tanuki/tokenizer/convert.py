@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+
 from tanuki.tokenizer.config import NUM_BYTE_PIECES, SpecialTokens
 
 #: SentencePiece's space marker (U+2581)
