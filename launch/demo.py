@@ -3,7 +3,7 @@
 Usage:
     make demo                      # creates .venv if needed, then runs this script
     python launch/demo.py          # same, in an environment where tanuki is installed
-    python launch/demo.py out=/tmp/tanuki-demo steps=400   # elsewhere, train longer
+    python launch/demo.py out=/tmp/tanuki-demo steps=400 sft_steps=200   # elsewhere, train longer
 
 Every step prints the command a user would type and runs it, so the output doubles as a tutorial.
 Results go to ``demo_out/`` (or ``out=...``), which is recreated on every run.
@@ -56,7 +56,7 @@ def unigram_entropy(prefix: Path) -> float:
     return float(-(p * np.log(p)).sum())
 
 
-def main(out: Path, steps: int = 200) -> None:
+def main(out: Path, steps: int = 200, sft_steps: int = 100) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -122,7 +122,28 @@ def main(out: Path, steps: int = 200) -> None:
     if ours != theirs or diff > 1e-4:
         raise SystemExit("demo: tanuki and transformers disagree")
 
-    step("8. Tensor + sequence parallelism on 2 CPU processes: the same losses as one process")
+    step("8. Supervised fine-tuning on the bundled instruction data (Japanese Alpaca template), then chat")
+    from tanuki.sft import evaluate_exact_match
+    from tanuki.tokenizer import sample_data_path
+    from tanuki.tokenizer.templates import write_chat_template
+
+    write_chat_template(out / "hf", "alpaca_ja")  # prompt the pretrained model the same way, for the baseline
+    eval_path = sample_data_path("sft_eval.jsonl")
+    before = evaluate_exact_match(out / "hf", eval_path, max_new_tokens=24)
+    run("launch/sft.py", f"init={rel}/hf", "data.path=tanuki/sample_data/sft.jsonl", f"run.dir={rel}/sft",
+        f"train.max_steps={sft_steps}", "train.seq_len=256", "train.micro_batch_size=8", "train.global_batch_size=16",
+        "train.lr=2e-3", "train.min_lr=2e-4", "train.warmup_steps=5", "data.valid_fraction=0.05",
+        f"train.eval_every={sft_steps // 2}", "logging.every=10", "export.dtype=float32")
+    after = evaluate_exact_match(out / "sft" / "hf", eval_path, max_new_tokens=24)
+    print(f"exact match on {after['total']} held-out prompts (tanuki/sample_data/sft_eval.jsonl): "
+          f"pretrained {before['correct']} -> fine-tuned {after['correct']}")
+    for task, (ok, n) in sorted(after["by_task"].items()):
+        if ok:
+            print(f"  {task}: {ok}/{n}")
+    run("launch/chat.py", f"model={rel}/sft/hf", "prompt=はなこさんはたまごを25個持っています。24個あげると、何個残りますか。",
+        "max_new_tokens=24")
+
+    step("9. Tensor + sequence parallelism on 2 CPU processes: the same losses as one process")
     short = [f"data.prefixes=[{rel}/data/sample]", f"tokenizer.path={rel}/tokenizer", "train.max_steps=5",
              "train.seq_len=128", "logging.every=1", "logging.wandb.mode=disabled", "checkpoint.every=5"]
     run("launch/pretrain.py", *short, f"run.dir={rel}/run-tp1")
@@ -143,4 +164,5 @@ def main(out: Path, steps: int = 200) -> None:
 
 if __name__ == "__main__":
     args = dict(a.split("=", 1) for a in sys.argv[1:] if "=" in a)
-    main(Path(args["out"]).resolve() if "out" in args else REPO / "demo_out", steps=int(args.get("steps", 200)))
+    main(Path(args["out"]).resolve() if "out" in args else REPO / "demo_out", steps=int(args.get("steps", 200)),
+         sft_steps=int(args.get("sft_steps", 100)))

@@ -331,3 +331,35 @@ def main(cfg: SFTConfig, env: DistEnv) -> int:
         print_fn(f"done: step {result.step}, last checkpoint {result.last_checkpoint}")
     sys.stdout.flush()
     return 0
+
+
+def evaluate_exact_match(model_dir: str | Path, eval_path: str | Path, *, max_new_tokens: int = 32,
+                         limit: int | None = None) -> dict:
+    """Greedy answers of a Hugging Face model to held-out prompts (``{"messages", "answer", "task"}``
+    records, e.g. the bundled ``sft_eval.jsonl``), scored by exact match.
+
+    The prompt is rendered with the model's own chat template (as a user of the exported model would).
+    Returns ``{"correct": n, "total": n, "by_task": {task: [correct, total]}, "predictions": [...]}``.
+    """
+    from transformers import AutoTokenizer
+
+    from tanuki.data.sft import exact_match, read_eval_prompts
+    from tanuki.generate import generate
+    from tanuki.hf import import_hf
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    model = import_hf(model_dir).eval()
+    prompts = read_eval_prompts(eval_path)[:limit]
+    by_task: dict[str, list[int]] = {}
+    predictions = []
+    for p in prompts:
+        ids = tok.apply_chat_template(list(p.messages), add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+        out = generate(model, list(ids), max_new_tokens=max_new_tokens, eos_token_id=tok.eos_token_id)
+        text = tok.decode(out, skip_special_tokens=True)
+        ok = exact_match(text, p.answer)
+        counts = by_task.setdefault(p.task, [0, 0])
+        counts[0] += int(ok)
+        counts[1] += 1
+        predictions.append({"task": p.task, "answer": p.answer, "prediction": text, "correct": ok})
+    correct = sum(c for c, _ in by_task.values())
+    return {"correct": correct, "total": len(prompts), "by_task": by_task, "predictions": predictions}

@@ -200,3 +200,29 @@ def test_lisa_loss_depends_on_the_active_layers_and_other_stages_are_refused(bas
         from tanuki import sft as stage
 
         stage.run(stage.prepare(config(base, tmp_path / "x", *common, "lisa.active_layers=3"), ENV), ENV, tmp_path / "x")
+
+
+def test_exact_match_evaluation_agrees_with_transformers_generate(base, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tanuki.data.sft import read_eval_prompts
+    from tanuki.sft import evaluate_exact_match
+    from tanuki.tokenizer import sample_data_path
+    from tanuki.tokenizer.templates import write_chat_template
+
+    import shutil
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(base / "base", model_dir)
+    write_chat_template(model_dir, "alpaca_ja")
+    report = evaluate_exact_match(model_dir, sample_data_path("sft_eval.jsonl"), max_new_tokens=6, limit=4)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    prompts = read_eval_prompts(sample_data_path("sft_eval.jsonl"))[:4]
+    assert report["total"] == 4 and sum(t for _, t in report["by_task"].values()) == 4
+    for p, pred in zip(prompts, report["predictions"]):
+        ids = tok.apply_chat_template(list(p.messages), add_generation_prompt=True, return_tensors="pt",
+                                      return_dict=True)["input_ids"]
+        out = hf.generate(ids, max_new_tokens=6, do_sample=False)[0, ids.shape[1]:]
+        assert pred["prediction"] == tok.decode(out, skip_special_tokens=True)
+        assert pred["correct"] == (pred["prediction"].strip() == p.answer.strip())
