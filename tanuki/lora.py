@@ -49,6 +49,8 @@ like the rest. Under ZeRO-3 the live parameters are shards: save the adapter fro
 
 from __future__ import annotations
 
+import contextlib
+
 import dataclasses
 import math
 import os
@@ -185,6 +187,8 @@ class LoraLinear(nn.Linear):
         # update added, so the two implementations round alike. The adapter runs in its own dtype (fp32
         # factors beside a bf16 base work); the sum is returned in the base's.
         result = F.linear(x, self.weight, self.bias)
+        if getattr(self, "adapters_disabled", False):
+            return result
         h = x.to(self.lora_A.weight.dtype)
         if self.dropout > 0:
             h = F.dropout(h, self.dropout, self.training)
@@ -485,3 +489,17 @@ def load_peft_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Mo
             )
         expected[name].copy_(t)
     return model
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module):
+    """Run ``model`` as its base model inside the block (every LoRA update skipped): DPO's reference
+    for a LoRA policy, with no second copy of the weights."""
+    modules = list(lora_modules(model).values())
+    for m in modules:
+        m.adapters_disabled = True
+    try:
+        yield model
+    finally:
+        for m in modules:
+            m.adapters_disabled = False

@@ -97,6 +97,8 @@ class Stage:
     #: called with the 0-based index of every optimizer step before its first micro-batch (LISA's
     #: layer sampling counts periods in optimizer steps)
     on_step_start: Callable[[int], None] | None = None
+    #: report exp(validation loss) as perplexity (the loss is a per-token cross entropy)
+    perplexity: bool = True
 
 
 @dataclass
@@ -221,18 +223,29 @@ def check_resumable(checkpoint: Path, config: dict, resume_keys: tuple[str, ...]
 
 
 def evaluate(engine, stage: Stage) -> dict[str, float]:
-    """Mean validation loss over the same micro-batches every time, averaged over ranks; and perplexity."""
+    """Every stat of the step function averaged over the same validation micro-batches each time and
+    over the ranks, as ``val_<name>``; with ``stage.perplexity``, also ``val_ppl`` = exp(val_loss)."""
     engine.eval()
-    total = torch.zeros(2, device=engine.device, dtype=torch.float64)
+    sums: dict[str, torch.Tensor] = {}
+    count = 0
     with torch.no_grad():
         for batch in stage.valid_batches():
             out = stage.step_fn(engine, _to(batch, engine.device))
-            total[0] += out.stats.get("loss", out.loss).double()
-            total[1] += 1
+            stats = dict(out.stats) if out.stats else {}
+            stats.setdefault("loss", out.loss.detach())
+            for k, v in stats.items():
+                sums[k] = sums.get(k, 0.0) + v.double()
+            count += 1
     engine.train()
-    _all_reduce(total)
-    loss = (total[0] / total[1].clamp(min=1)).item()
-    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 80.0))}
+    keys = sorted(sums)
+    packed = torch.stack([torch.as_tensor(sums[k], device=engine.device).double() for k in keys] +
+                         [torch.tensor(float(count), device=engine.device, dtype=torch.float64)])
+    _all_reduce(packed)
+    n = packed[-1].clamp(min=1)
+    out = {f"val_{k}": (packed[i] / n).item() for i, k in enumerate(keys)}
+    if stage.perplexity:
+        out["val_ppl"] = math.exp(min(out["val_loss"], 80.0))
+    return out
 
 
 def train(
@@ -414,7 +427,10 @@ def train(
                 val = evaluate(engine, stage)
                 record = {"step": step, "tokens": history[-1]["tokens"] if history else 0, **val}
                 if logger is not None:
-                    logger.log(record, f"step {step}/{total_steps} | validation loss {val['val_loss']:.4f} | perplexity {val['val_ppl']:.2f}")
+                    extra = " | ".join(f"{k[4:]} {v:.4f}" for k, v in val.items() if k not in ("val_loss", "val_ppl"))
+                    logger.log(record, f"step {step}/{total_steps} | validation loss {val['val_loss']:.4f}"
+                               + (f" | perplexity {val['val_ppl']:.2f}" if "val_ppl" in val else "")
+                               + (f" | {extra}" if extra else ""))
                 history.append(record)
 
             # -- checkpoint ---------------------------------------------------------------------

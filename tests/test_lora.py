@@ -384,3 +384,17 @@ def test_fp32_adapters_on_a_bf16_base(base):
     assert out.dtype == torch.bfloat16
     out.float().sum().backward()
     assert all(m.lora_B.weight.grad.dtype == torch.float32 for m in lora_modules(model).values())
+
+
+def test_adapters_disabled_gives_the_base_model(base):
+    """DPO's reference for a LoRA policy: the same module with every update skipped."""
+    from tanuki.lora import adapters_disabled
+
+    model = trained_lora(base, LoraConfig(r=4, alpha=8, dropout=0.0)).eval()
+    batch = tokens(2)
+    ref = base_model(base).eval()(batch)
+    with torch.no_grad():
+        assert (model(batch) - ref).abs().max() > 1e-4
+        with adapters_disabled(model):
+            assert torch.equal(model(batch), ref)
+        assert (model(batch) - ref).abs().max() > 1e-4  # back on after the block
