@@ -28,6 +28,7 @@ SCHEMAS = {
     "preprocess": ("tanuki.data.config:PreprocessConfig", []),
     "data_info": ("tanuki.data.config:DataInfoConfig", []),
     "sft": ("tanuki.sft:SFTConfig", ["init=hf"]),
+    "dpo": ("tanuki.dpo:DPOConfig", ["init=hf"]),
     "plot": ("tanuki.plot:PlotConfig", ["run.dir=runs/a"]),
     "chat": ("tanuki.chat:ChatConfig", ["model=hf"]),
 }

@@ -1,0 +1,440 @@
+"""Direct preference optimisation (Rafailov et al. 2023) and its relatives on the shared loop.
+
+A micro-batch holds ``b`` preference pairs as ``2b`` rows, chosen first, so one forward scores both.
+The step function sums the log-probabilities of each completion (IPO: averages them per token), gets the
+reference model's log-probabilities, and applies the loss of :func:`tanuki.losses.dpo_loss`.
+
+The reference is the initial model, in one of two forms (``reference=``):
+
+* ``model``: a frozen copy of ``init`` evaluated with the policy, wrapped by DeepSpeed with the same
+  ZeRO stage (so under ZeRO-3 it is sharded like the policy); with LoRA it is the policy itself with its
+  adapters switched off (no second copy);
+* ``precompute``: before the first step, the policy — still equal to the reference — scores every
+  training pair once; the log-probabilities are kept (and saved in the run directory for resumes), so
+  no reference model is held during training: half the weights in memory.
+
+Both give the same training run (tested).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+
+from tanuki.config import (
+    CheckpointConfig,
+    ConfigError,
+    LoggingConfig,
+    ModelConfig,
+    ParallelConfig,
+    RunConfig,
+    TrainConfig,
+    to_dict,
+)
+from tanuki.data.preference import PreferenceDataConfig
+from tanuki.lora import LoraConfig
+from tanuki.parallel.env import DistEnv
+from tanuki.sft import SFTExportConfig
+
+RESUME_KEYS = ("init", "method", "lora", "template", "loss", "reference", "parallel.tp", "parallel.zero_stage")
+REFERENCE_FILE = "reference_logps.pt"
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """``loss``: which member of the DPO family, and its coefficients."""
+
+    #: sigmoid (DPO) | ipo | hinge | robust
+    type: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
+    #: strength of the KL constraint to the reference
+    beta: float = 0.1
+    #: conservative DPO / robust DPO noise rate (sigmoid and robust only)
+    label_smoothing: float = 0.0
+    #: weight of an SFT term (mean NLL per chosen token) added to the loss (RPO); 0 = off
+    rpo_alpha: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not (self.beta > 0):
+            raise ConfigError("loss.beta", f"must be > 0, got {self.beta}")
+        if not (0.0 <= self.label_smoothing < 0.5):
+            raise ConfigError("loss.label_smoothing", f"must be in [0, 0.5), got {self.label_smoothing}")
+        if self.label_smoothing > 0 and self.type in ("ipo", "hinge"):
+            raise ConfigError("loss.label_smoothing", f"is not used by loss.type={self.type}; leave it 0")
+        if self.rpo_alpha < 0:
+            raise ConfigError("loss.rpo_alpha", f"must be >= 0, got {self.rpo_alpha}")
+
+
+@dataclass(frozen=True)
+class DPOConfig:
+    """``conf/dpo.yaml``."""
+
+    #: the model to optimise (usually an SFT export); also the reference
+    init: str
+    data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)
+    #: chat template for rendering prompts and completions; null = the one in init's tokenizer
+    template: Optional[str] = None
+    loss: LossConfig = field(default_factory=LossConfig)
+    #: model: a frozen copy of init (or the LoRA base) scored live | precompute: scored once before training
+    reference: Literal["model", "precompute"] = "model"
+    method: Literal["full", "lora"] = "full"
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    tokenizer: Optional[str] = None
+    kernels: Literal["auto", "triton", "torch"] = "auto"
+    run: RunConfig = field(default_factory=RunConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    export: SFTExportConfig = field(default_factory=SFTExportConfig)
+    resume: str = "auto"
+    seed: int = 1234
+
+    def __post_init__(self) -> None:
+        if self.template is not None:
+            from tanuki.tokenizer.templates import get_template
+
+            get_template(self.template)
+        if self.method == "lora" and self.parallel.tp > 1:
+            raise ConfigError("method", "LoRA with tensor parallelism (parallel.tp > 1) is not supported; use tp=1")
+
+
+@dataclass
+class PreparedDPO:
+    cfg: DPOConfig
+    model: ModelConfig
+    tokenizer_dir: str
+    template: str
+
+
+def resolve_template(cfg: DPOConfig, tokenizer_dir: str) -> str:
+    """``template``, else the tanuki template whose Jinja is the tokenizer's chat template."""
+    from tanuki.tokenizer.templates import TEMPLATES
+
+    if cfg.template is not None:
+        return cfg.template
+    import json
+
+    config = json.loads((Path(tokenizer_dir) / "tokenizer_config.json").read_text(encoding="utf-8"))
+    jinja = config.get("chat_template")
+    jinja_file = Path(tokenizer_dir) / "chat_template.jinja"
+    if jinja_file.is_file():
+        jinja = jinja_file.read_text(encoding="utf-8")
+    for name, t in TEMPLATES.items():
+        if jinja == t.jinja:
+            return name
+    raise ConfigError("template", f"the chat template of {tokenizer_dir} is not one of tanuki's "
+                                  f"({', '.join(sorted(TEMPLATES))}); name the one it was trained with: template=<name>")
+
+
+def prepare(cfg: DPOConfig, env: DistEnv) -> PreparedDPO:
+    """Checks needing files or the world size (before any process group)."""
+    from tanuki.hf import HFFormatError, model_config_from_hf, read_hf_config
+    from tanuki.parallel.zero import grad_accumulation_steps
+
+    try:
+        model = model_config_from_hf(read_hf_config(cfg.init), source=f"{cfg.init}/config.json")
+    except (FileNotFoundError, HFFormatError) as e:
+        raise ConfigError("init", str(e)) from None
+    model = dataclasses.replace(model, kernels=cfg.kernels)
+    if cfg.train.seq_len > model.max_seq_len:
+        raise ConfigError("train.seq_len", f"{cfg.train.seq_len} exceeds the context of {cfg.init} ({model.max_seq_len})")
+    tok = cfg.tokenizer or cfg.init
+    if not (Path(tok) / "tokenizer.json").is_file():
+        raise ConfigError("tokenizer", f"no tokenizer.json in {tok} (give tokenizer=<dir>)")
+    if not cfg.data.paths:
+        raise ConfigError("data.path", "is required: data.path=<pairs.jsonl>[,...]")
+    for p in cfg.data.paths:
+        if not Path(p).exists() and not any(c in p for c in "*?["):
+            raise ConfigError("data.path", f"no such file: {p}")
+    if env.world_size % cfg.parallel.tp:
+        raise ConfigError("parallel.tp", f"tp={cfg.parallel.tp} does not divide the {env.world_size} ranks of this job")
+    grad_accumulation_steps(cfg.train, env.world_size // cfg.parallel.tp)
+    return PreparedDPO(cfg, model, tok, resolve_template(cfg, tok))
+
+
+def pair_logps(model, batch: dict[str, torch.Tensor], *, average: bool, vocab_limit, vocab_parallel):
+    """Summed (or per-token averaged) completion log-probs of the ``2b`` rows, and their token counts."""
+    from tanuki.losses import sequence_logps
+
+    logits = model(batch["tokens"], positions=batch["positions"])
+    return sequence_logps(logits, batch["labels"], average=average, vocab_limit=vocab_limit,
+                          vocab_parallel=vocab_parallel)
+
+
+def dpo_step(model, batch: dict[str, torch.Tensor], *, loss: LossConfig, reference: Callable, vocab_limit,
+             vocab_parallel=None):
+    """One micro-batch of pairs: policy log-probs, reference log-probs, the DPO loss and TRL's metrics."""
+    from tanuki.losses import chosen_nll, dpo_loss, dpo_metrics
+    from tanuki.train import StepOutput
+
+    average = loss.type == "ipo"
+    ref = reference(batch)  # first: a LoRA reference runs the policy module itself, before its graph exists
+    logps, n_tokens = pair_logps(model, batch, average=average, vocab_limit=vocab_limit, vocab_parallel=vocab_parallel)
+    b = logps.shape[0] // 2
+    ref = ref.to(logps)
+    losses, chosen_r, rejected_r = dpo_loss(logps[:b], logps[b:], ref[:b], ref[b:], beta=loss.beta,
+                                            loss_type=loss.type, label_smoothing=loss.label_smoothing)
+    total = losses.mean()
+    if loss.rpo_alpha > 0:
+        chosen_sum = logps[:b] * n_tokens[:b] if average else logps[:b]
+        total = total + loss.rpo_alpha * chosen_nll(chosen_sum, n_tokens[:b])
+    stats = dpo_metrics(losses, chosen_r, rejected_r, logps[:b], logps[b:])
+    stats["loss"] = total.detach()
+    return StepOutput(loss=total, stats=stats)
+
+
+class LiveReference:
+    """Reference log-probs from a frozen model (or from the LoRA policy with its adapters off)."""
+
+    def __init__(self, model, *, average: bool, vocab_limit, vocab_parallel, lora_policy=None):
+        self.model, self.average, self.vocab_limit, self.vocab_parallel = model, average, vocab_limit, vocab_parallel
+        self.lora_policy = lora_policy
+
+    @torch.no_grad()
+    def __call__(self, batch):
+        if self.lora_policy is not None:
+            from tanuki.lora import adapters_disabled
+
+            with adapters_disabled(self.lora_policy.module):
+                logps, _ = pair_logps(self.lora_policy, batch, average=self.average, vocab_limit=self.vocab_limit,
+                                      vocab_parallel=self.vocab_parallel)
+            return logps
+        logps, _ = pair_logps(self.model, batch, average=self.average, vocab_limit=self.vocab_limit,
+                              vocab_parallel=self.vocab_parallel)
+        return logps
+
+
+class PrecomputedReference:
+    """Reference log-probs looked up by pair index: ``table[pair, 0]`` chosen, ``table[pair, 1]`` rejected."""
+
+    def __init__(self, table: torch.Tensor):
+        self.table = table
+
+    def __call__(self, batch):
+        idx = batch["pair_index"].cpu()
+        return torch.cat([self.table[idx, 0], self.table[idx, 1]]).to(batch["tokens"].device)
+
+
+@torch.no_grad()
+def precompute_reference(engine, dataset, *, micro_batch_size: int, dp_rank: int, dp_size: int, average: bool,
+                         vocab_limit, vocab_parallel) -> torch.Tensor:
+    """Score every pair of ``dataset`` once with ``engine`` (the untrained policy): ``(num_pairs, 2)``.
+
+    Every rank runs the same number of forwards (the last partial step is filled and masked, which
+    ZeRO-3's collective parameter gathers need); each pair is scored by one data-parallel rank and the
+    slices are summed over the ranks (TP ranks of a group hold equal values and count once).
+    """
+    import torch.distributed as dist
+
+    from tanuki.data.preference import PreferenceDataLoader
+
+    ordered = dataset.in_order()
+    n = len(ordered.pairs)
+    table = torch.zeros(n, 2, dtype=torch.float64)
+    seen = torch.zeros(n, dtype=torch.float64)
+    engine.eval()
+    loader = PreferenceDataLoader(ordered, micro_batch_size=micro_batch_size, dp_rank=dp_rank, dp_size=dp_size,
+                                  drop_last=False)
+    for batch in loader:
+        mask = batch["pair_mask"].bool()
+        batch = {k: v.to(engine.device) for k, v in batch.items()}
+        logps, _ = pair_logps(engine, batch, average=average, vocab_limit=vocab_limit, vocab_parallel=vocab_parallel)
+        b = logps.shape[0] // 2
+        idx = batch["pair_index"].cpu()[mask]
+        table[idx, 0] = logps[:b].double().cpu()[mask]
+        table[idx, 1] = logps[b:].double().cpu()[mask]
+        seen[idx] = 1.0
+    engine.train()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        stacked = torch.cat([table.flatten(), seen]).to(engine.device)
+        dist.all_reduce(stacked)
+        stacked = (stacked / (dist.get_world_size() // dp_size)).cpu()
+        table, seen = stacked[: 2 * n].view(n, 2), stacked[2 * n:]
+    if not bool((seen > 0).all()):
+        raise RuntimeError(f"{int((seen == 0).sum())} pairs were not scored while precomputing the reference")
+    return table.float()
+
+
+def build_reference_model(cfg: DPOConfig, device: torch.device, groups, train_cfg: TrainConfig, bf16: bool):
+    """A frozen copy of ``init`` wrapped by DeepSpeed with the policy's ZeRO stage (sharded under ZeRO-3)."""
+    import deepspeed
+
+    from tanuki.fused import apply_kernels
+    from tanuki.hf import import_hf
+    from tanuki.parallel.zero import deepspeed_config
+
+    model = apply_kernels(import_hf(cfg.init, device=device, dtype=torch.float32), cfg.kernels, device=device)
+    if groups.tp > 1:
+        from tanuki.parallel.tensor_parallel import apply_tensor_parallel
+
+        model = apply_tensor_parallel(model, groups, cfg.parallel.sp)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    config = deepspeed_config(train_cfg, cfg.parallel, dp_size=groups.dp, bf16=bf16)
+    config.pop("gradient_clipping", None)
+    engine, *_ = deepspeed.initialize(model=model, config=config, mpu=groups if groups.tp > 1 else None,
+                                      dist_init_required=False)
+    engine.eval()
+    return engine
+
+
+def run(prep: PreparedDPO, env: DistEnv, run_dir: Path, print_fn: Callable[[str], None] = print):
+    """Optimise preferences inside an initialised process group; returns the TrainResult."""
+    import torch.distributed as dist
+    from transformers import PreTrainedTokenizerFast
+
+    from tanuki.data.preference import PreferenceDataLoader, build_preference_datasets
+    from tanuki.info import flops_per_token
+    from tanuki.lora import count_trainable_parameters
+    from tanuki.metrics import MetricsLogger
+    from tanuki.parallel.groups import build_process_groups
+    from tanuki.parallel.zero import build_engine
+    from tanuki.pretrain import precision_is_bf16
+    from tanuki.sft import _copy_tokenizer, build_sft_model, export_sft
+    from tanuki.train import RunSettings, Stage, train
+
+    cfg, tc = prep.cfg, prep.cfg.train
+    groups = build_process_groups(cfg.parallel.tp)
+    dp_size, dp_rank = groups.dp, groups.dp_rank
+    device = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    torch.manual_seed(cfg.seed + dp_rank)
+
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(prep.tokenizer_dir)
+    total_steps = tc.total_steps()
+    data = build_preference_datasets(cfg.data, tokenizer, prep.template, tc.seq_len,
+                                     min_pairs=total_steps * tc.global_batch_size)
+    loader = PreferenceDataLoader(data.train, micro_batch_size=tc.micro_batch_size, dp_rank=dp_rank, dp_size=dp_size)
+    valid_batches = None
+    if data.valid is not None and tc.eval_iters > 0:
+        def valid_batches():
+            import itertools
+
+            return itertools.islice(PreferenceDataLoader(data.valid, micro_batch_size=tc.micro_batch_size,
+                                                         dp_rank=dp_rank, dp_size=dp_size), tc.eval_iters)
+
+    sft_like = _as_sft(cfg, prep.template)
+    model = build_sft_model(sft_like, device, groups)
+    trainable = count_trainable_parameters(model)
+    bf16 = precision_is_bf16(tc.precision)
+    engine, optimizer = build_engine(model, tc, cfg.parallel, dp_size=dp_size, bf16=bf16,
+                                     mpu=groups if groups.tp > 1 else None)
+    vocab = len(tokenizer)
+    vp = getattr(model, "vocab_parallel", None)
+    average = cfg.loss.type == "ipo"
+
+    if cfg.reference == "precompute":
+        ref_file = run_dir / REFERENCE_FILE
+        if ref_file.is_file():
+            table = torch.load(ref_file, weights_only=True)
+        else:
+            table = precompute_reference(engine, data.train, micro_batch_size=tc.micro_batch_size, dp_rank=dp_rank,
+                                         dp_size=dp_size, average=average, vocab_limit=vocab, vocab_parallel=vp)
+            if env.is_main:
+                run_dir.mkdir(parents=True, exist_ok=True)
+                tmp = ref_file.with_name(ref_file.name + ".tmp")
+                torch.save(table, tmp)
+                tmp.replace(ref_file)
+        reference = PrecomputedReference(table)
+        if data.valid is not None:
+            # validation pairs are scored live, by the policy still equal to the reference at this point
+            valid_table = precompute_reference(engine, data.valid, micro_batch_size=tc.micro_batch_size,
+                                               dp_rank=dp_rank, dp_size=dp_size, average=average, vocab_limit=vocab,
+                                               vocab_parallel=vp)
+            train_ref, valid_ref = reference, PrecomputedReference(valid_table)
+            reference = _SplitReference(train_ref, valid_ref, engine)
+    elif cfg.method == "lora":
+        reference = LiveReference(None, average=average, vocab_limit=vocab, vocab_parallel=vp, lora_policy=engine)
+    else:
+        ref_engine = build_reference_model(cfg, device, groups, tc, bf16)
+        reference = LiveReference(ref_engine, average=average, vocab_limit=vocab, vocab_parallel=vp)
+
+    config = {**to_dict(cfg), "model": to_dict(prep.model), "template": prep.template}
+    logger = None
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        from omegaconf import OmegaConf
+
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(config)))
+        _copy_tokenizer(prep.tokenizer_dir, run_dir / "tokenizer")
+        logger = MetricsLogger(run_dir, wandb=cfg.logging.wandb, config=config, print_fn=print_fn)
+        print_fn(
+            f"DPO ({cfg.loss.type}, beta {cfg.loss.beta}, {cfg.method}, reference {cfg.reference}) of {cfg.init}: "
+            f"{trainable:,} trainable parameters on {env.world_size} rank(s) = tp {groups.tp} x dp {dp_size}, "
+            f"ZeRO-{cfg.parallel.zero_stage}, {'bf16' if bf16 else 'fp32'}; template {prep.template}; "
+            f"data: {data.summary()}; {total_steps} steps; run dir {run_dir}"
+        )
+
+    out_dir = Path(cfg.export.dir) if cfg.export.dir else run_dir / "hf"
+
+    def on_finish(checkpoint: Path) -> None:
+        if cfg.export.hf or (cfg.method == "lora" and cfg.export.adapter):
+            for p in export_sft(checkpoint, sft_like, out_dir, str(run_dir / "tokenizer")):
+                print_fn(f"exported {p}")
+
+    stage = Stage(
+        name="dpo",
+        model=model,
+        step_fn=functools.partial(dpo_step, loss=cfg.loss, reference=reference, vocab_limit=vocab, vocab_parallel=vp),
+        train_loader=loader,
+        valid_batches=valid_batches,
+        tokens_per_step=tc.global_batch_size * 2 * tc.seq_len,
+        flops_per_token=flops_per_token(prep.model, tc.seq_len),
+        config=config,
+        resume_keys=RESUME_KEYS,
+        on_finish=on_finish,
+        perplexity=False,
+    )
+    settings = RunSettings(train=tc, parallel=cfg.parallel, checkpoint_every=cfg.checkpoint.every,
+                           keep_last=cfg.checkpoint.keep_last, log_every=cfg.logging.every,
+                           peak_tflops=cfg.logging.peak_tflops, resume=cfg.resume)
+    try:
+        result = train(stage, settings, env, run_dir, engine=engine, optimizer=optimizer, logger=logger, print_fn=print_fn)
+    finally:
+        if logger is not None:
+            logger.close()
+    if dist.is_initialized():
+        dist.barrier()
+    return result
+
+
+class _SplitReference:
+    """Precomputed reference log-probs for training pairs (``engine.training``) and validation pairs."""
+
+    def __init__(self, train_ref, valid_ref, engine):
+        self.train_ref, self.valid_ref, self.engine = train_ref, valid_ref, engine
+
+    def __call__(self, batch):
+        return (self.train_ref if self.engine.training else self.valid_ref)(batch)
+
+
+def _as_sft(cfg: DPOConfig, template: str):
+    """The SFT config that builds and exports the same model (init, method, LoRA, kernels, template)."""
+    from tanuki.sft import SFTConfig
+
+    return SFTConfig(init=cfg.init, template=template, method=cfg.method, lora=cfg.lora,
+                     train=cfg.train, parallel=cfg.parallel, kernels=cfg.kernels, export=cfg.export, seed=cfg.seed)
+
+
+def main(cfg: DPOConfig, env: DistEnv) -> int:
+    """The body of ``launch/dpo.py`` after Hydra."""
+    from tanuki.parallel.env import init_distributed, resolve_run_dir
+    from tanuki.pretrain import stdout_and_log
+
+    prep = prepare(cfg, env)
+    init_distributed(env, "nccl" if torch.cuda.is_available() else "gloo")
+    run_dir = resolve_run_dir(cfg.run.dir, "dpo", env).resolve()
+    print_fn = stdout_and_log(run_dir) if env.is_main else (lambda *a, **k: None)
+    result = run(prep, env, run_dir, print_fn=print_fn)
+    if env.is_main:
+        print_fn(f"done: step {result.step}, last checkpoint {result.last_checkpoint}")
+    sys.stdout.flush()
+    return 0
