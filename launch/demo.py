@@ -56,7 +56,7 @@ def unigram_entropy(prefix: Path) -> float:
     return float(-(p * np.log(p)).sum())
 
 
-def main(out: Path, steps: int = 200, sft_steps: int = 100) -> None:
+def main(out: Path, steps: int = 200, sft_steps: int = 100, dpo_steps: int = 40) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -143,7 +143,22 @@ def main(out: Path, steps: int = 200, sft_steps: int = 100) -> None:
     run("launch/chat.py", f"model={rel}/sft/hf", "prompt=はなこさんはたまごを25個持っています。24個あげると、何個残りますか。",
         "max_new_tokens=24")
 
-    step("9. Tensor + sequence parallelism on 2 CPU processes: the same losses as one process")
+    step("9. Preference optimisation (DPO) of the fine-tuned model on the bundled preference pairs")
+    from tanuki.dpo import preference_accuracy
+
+    pairs_eval = sample_data_path("dpo_eval.jsonl")
+    pref_before = preference_accuracy(out / "sft" / "hf", pairs_eval, max_prompt_length=200)
+    run("launch/dpo.py", f"init={rel}/sft/hf", "data.path=tanuki/sample_data/dpo.jsonl", f"run.dir={rel}/dpo",
+        f"train.max_steps={dpo_steps}", "train.seq_len=256", "train.micro_batch_size=8", "train.global_batch_size=16",
+        "train.lr=2e-4", "train.min_lr=2e-5", "train.warmup_steps=4", "loss.beta=0.1", "reference=precompute",
+        "data.max_prompt_length=200", "logging.every=10", "export.dtype=float32")
+    pref_after = preference_accuracy(out / "dpo" / "hf", pairs_eval, max_prompt_length=200)
+    em_after = evaluate_exact_match(out / "dpo" / "hf", eval_path, max_new_tokens=24)
+    print(f"held-out preference pairs ({pref_after['pairs']}, tanuki/sample_data/dpo_eval.jsonl) where the model "
+          f"scores the chosen answer higher: SFT {100 * pref_before['accuracy']:.1f}% -> DPO {100 * pref_after['accuracy']:.1f}%")
+    print(f"exact match on the held-out prompts: SFT {after['correct']} -> DPO {em_after['correct']}")
+
+    step("10. Tensor + sequence parallelism on 2 CPU processes: the same losses as one process")
     short = [f"data.prefixes=[{rel}/data/sample]", f"tokenizer.path={rel}/tokenizer", "train.max_steps=5",
              "train.seq_len=128", "logging.every=1", "logging.wandb.mode=disabled", "checkpoint.every=5"]
     run("launch/pretrain.py", *short, f"run.dir={rel}/run-tp1")
@@ -165,4 +180,4 @@ def main(out: Path, steps: int = 200, sft_steps: int = 100) -> None:
 if __name__ == "__main__":
     args = dict(a.split("=", 1) for a in sys.argv[1:] if "=" in a)
     main(Path(args["out"]).resolve() if "out" in args else REPO / "demo_out", steps=int(args.get("steps", 200)),
-         sft_steps=int(args.get("sft_steps", 100)))
+         sft_steps=int(args.get("sft_steps", 100)), dpo_steps=int(args.get("dpo_steps", 40)))

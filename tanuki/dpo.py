@@ -438,3 +438,29 @@ def main(cfg: DPOConfig, env: DistEnv) -> int:
         print_fn(f"done: step {result.step}, last checkpoint {result.last_checkpoint}")
     sys.stdout.flush()
     return 0
+
+
+@torch.no_grad()
+def preference_accuracy(model_dir: str | Path, pairs_path: str | Path, *, template: str | None = None,
+                        seq_len: int = 256, max_prompt_length: int | None = None, micro_batch_size: int = 8) -> dict:
+    """How often a Hugging Face model gives its chosen completion a higher log-probability than the
+    rejected one, over the pairs of a JSONL file (no reference involved): ``{"accuracy", "pairs"}``."""
+    from transformers import PreTrainedTokenizerFast
+
+    from tanuki.data.preference import PreferenceDataConfig, PreferenceDataLoader, build_preference_datasets
+    from tanuki.hf import import_hf
+
+    cfg = DPOConfig(init=str(model_dir), template=template)
+    name = resolve_template(cfg, str(model_dir))
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(model_dir))
+    data = build_preference_datasets(PreferenceDataConfig(path=str(pairs_path), max_prompt_length=max_prompt_length),
+                                     tokenizer, name, seq_len)
+    model = import_hf(model_dir).eval()
+    wins = total = 0
+    for batch in PreferenceDataLoader(data.train.in_order(), micro_batch_size=micro_batch_size, drop_last=False):
+        logps, _ = pair_logps(model, batch, average=False, vocab_limit=len(tokenizer), vocab_parallel=None)
+        b = logps.shape[0] // 2
+        mask = batch["pair_mask"].bool()
+        wins += int(((logps[:b] > logps[b:]) & mask).sum())
+        total += int(mask.sum())
+    return {"accuracy": wins / max(total, 1), "pairs": total}
