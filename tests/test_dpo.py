@@ -163,3 +163,41 @@ def test_bad_dpo_configs_name_the_key(base, tmp_path):
     (plain / "chat_template.jinja").unlink(missing_ok=True)
     with pytest.raises(ConfigError, match="template"):
         stage.prepare(config(base, tmp_path, f"init={plain}"), ENV)
+
+
+def test_preference_accuracy_agrees_with_transformers(base):
+    """The held-out metric of the demo, against log-probs computed by transformers on chat-template ids."""
+    import json
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tanuki.dpo import preference_accuracy
+
+    report = preference_accuracy(base / "base", base / "pairs.jsonl", seq_len=255, max_prompt_length=200)
+    tok = AutoTokenizer.from_pretrained(base / "base")
+    hf = AutoModelForCausalLM.from_pretrained(base / "base", dtype=torch.float32).eval()
+
+    def as_messages(value, role):
+        if isinstance(value, str):
+            return [{"role": role, "content": value}]
+        return [value] if isinstance(value, dict) else list(value)
+
+    wins = 0
+    records = [json.loads(line) for line in (base / "pairs.jsonl").read_text(encoding="utf-8").splitlines()]
+    for r in records:
+        prompt = as_messages(r["prompt"], "user")
+        if "system" in r:
+            prompt = [{"role": "system", "content": r["system"]}] + prompt
+        p_ids = tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+        scores = []
+        for key in ("chosen", "rejected"):
+            full = tok.apply_chat_template(prompt + as_messages(r[key], "assistant"), tokenize=True,
+                                           return_dict=True)["input_ids"]
+            ids = torch.tensor([full])
+            with torch.no_grad():
+                logp = torch.log_softmax(hf(ids).logits[0, :-1].float(), -1)
+            targets = ids[0, 1:]
+            scores.append(logp[len(p_ids) - 1:].gather(-1, targets[len(p_ids) - 1:, None]).sum().item())
+        wins += scores[0] > scores[1]
+    assert report["pairs"] == len(records)
+    assert report["accuracy"] == pytest.approx(wins / len(records))
