@@ -276,7 +276,10 @@ def wait_job(job_id: str, timeout: float, until=lambda info: info.get("JobState"
 def submit(script: Path, run_dir: Path, overrides: list[str], sbatch_args: list[str], **env_vars: str) -> tuple[str, Path]:
     """Submit ``script`` from the repository root as the user would, with this interpreter as PYTHON."""
     out = run_dir.parent / f"{run_dir.name}.slurm.out"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "PYTEST_"))}
+    # A clean launcher environment: sbatch exports the submitting shell's variables into the job, and a
+    # rendezvous address left by an in-process test (MASTER_PORT of its own process group) would be taken.
+    launch_vars = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "TANUKI_RUN_DIR")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "PYTEST_")) and k not in launch_vars}
     env.update(PYTHON=sys.executable, TANUKI_RUN_DIR=str(run_dir), **env_vars)
     res = run(["sbatch", "--parsable", f"--output={out}", *sbatch_args, str(script), *overrides], cwd=REPO, env=env, check=False)
     assert res.returncode == 0, f"sbatch failed: {res.stderr}"
