@@ -1,4 +1,4 @@
-"""Export a tanuki model to a Hugging Face ``LlamaForCausalLM`` directory.
+"""Export a tanuki model to a Hugging Face ``LlamaForCausalLM`` (or, for MoE models, ``MixtralForCausalLM``) directory.
 
 Usage:
     python launch/export_hf.py checkpoint=runs/tiny output=hf/tiny          # a run's latest checkpoint

@@ -188,7 +188,7 @@ def _require(cond: bool, key: str, message: str) -> None:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Shape of a Llama-style decoder (see conf/size/*.yaml for the named sizes)."""
+    """Shape of a Llama-style decoder, dense or Mixtral-style MoE (see conf/size/*.yaml for the named sizes)."""
 
     n_layers: int = 4
     dim: int = 256
@@ -209,10 +209,34 @@ class ModelConfig:
     init_std: float = 0.02
     #: RMSNorm and rotary implementation: auto = Triton on CUDA, PyTorch elsewhere
     kernels: Literal["auto", "triton", "torch"] = "auto"
+    #: mixture of experts (Mixtral-style sparse MLP in every layer): the number of experts, each a
+    #: SwiGLU MLP of ffn_dim; 0 = dense (one MLP per layer)
+    n_experts: int = 0
+    #: experts each token is routed to (used when n_experts > 0)
+    top_k: int = 2
+    #: weight of the load-balancing loss (Switch Transformer / Mixtral; Tanuki-8x8B: 0.001) added to the
+    #: LM loss by the training step (tanuki.model.moe_losses)
+    router_aux_loss_coef: float = 0.001
+    #: weight of the router z-loss (ST-MoE: mean squared logsumexp of the router logits); 0 = off
+    router_z_loss_coef: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("n_layers", "dim", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "max_seq_len"):
             _require(getattr(self, name) > 0, f"model.{name}", f"must be positive, got {getattr(self, name)}")
+        _require(
+            self.n_experts == 0 or self.n_experts >= 2,
+            "model.n_experts",
+            f"must be 0 (dense) or at least 2, got {self.n_experts}",
+        )
+        if self.n_experts:
+            _require(
+                1 <= self.top_k <= self.n_experts,
+                "model.top_k",
+                f"must be between 1 and model.n_experts ({self.n_experts}), got {self.top_k}",
+            )
+        for name in ("router_aux_loss_coef", "router_z_loss_coef"):
+            value = getattr(self, name)
+            _require(value >= 0 and math.isfinite(value), f"model.{name}", f"must be >= 0, got {value}")
         _require(
             self.n_heads % self.n_kv_heads == 0,
             "model.n_kv_heads",
@@ -355,6 +379,11 @@ def _check_model_parallel(model: ModelConfig, parallel: ParallelConfig) -> None:
     tp = parallel.tp
     if tp == 1:
         return
+    _require(
+        model.n_experts == 0,
+        "parallel.tp",
+        "tensor parallelism of MoE layers is not supported: use parallel.tp=1 (ZeRO shards the experts)",
+    )
     for name, value in (("n_heads", model.n_heads), ("n_kv_heads", model.n_kv_heads), ("ffn_dim", model.ffn_dim)):
         _require(value % tp == 0, "parallel.tp", f"tp={tp} must divide model.{name} ({value})")
     _require(

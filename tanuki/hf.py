@@ -1,10 +1,25 @@
 """Hugging Face interop: the one place that knows Hugging Face weight names.
 
-* :func:`export_hf` writes a tanuki state dict as a ``LlamaForCausalLM`` directory (``config.json``,
-  ``generation_config.json``, safetensors, sharded above ``max_shard_size`` with an index file, and the
-  tokenizer files when given) that ``AutoModelForCausalLM.from_pretrained`` loads with no custom code.
-* :func:`load_hf` / :func:`import_hf` read a Hugging Face Llama directory (GQA included) back into a
-  tanuki :class:`~tanuki.config.ModelConfig` and state dict, for continued pretraining or fine-tuning.
+* :func:`export_hf` writes a tanuki state dict as a ``LlamaForCausalLM`` directory (a dense model) or a
+  ``MixtralForCausalLM`` one (``n_experts`` > 0): ``config.json``, ``generation_config.json``,
+  safetensors, sharded above ``max_shard_size`` with an index file, and the tokenizer files when given;
+  ``AutoModelForCausalLM.from_pretrained`` loads it with no custom code.
+* :func:`load_hf` / :func:`import_hf` read a Hugging Face Llama or Mixtral directory (GQA included) back
+  into a tanuki :class:`~tanuki.config.ModelConfig` and state dict, for continued pretraining or
+  fine-tuning.
+
+Mixtral weight names. On disk, Mixtral checkpoints (the Hub's, and what transformers 4 *and* 5
+``save_pretrained`` write) use the transformers-4 naming, which tanuki exports::
+
+    model.layers.{i}.block_sparse_moe.gate.weight             (n_experts, dim)   router
+    model.layers.{i}.block_sparse_moe.experts.{e}.w1.weight   (ffn_dim, dim)     gate projection
+    model.layers.{i}.block_sparse_moe.experts.{e}.w3.weight   (ffn_dim, dim)     up projection
+    model.layers.{i}.block_sparse_moe.experts.{e}.w2.weight   (dim, ffn_dim)     down projection
+
+transformers 5 holds the experts in memory as fused 3-D tensors (``mlp.gate.weight``,
+``mlp.experts.gate_up_proj`` (n_experts, 2 x ffn_dim, dim) = [gate; up], ``mlp.experts.down_proj``
+(n_experts, dim, ffn_dim)) and converts on load and save. :func:`load_hf` reads both namings (a
+directory written from a v5 in-memory state dict without that conversion included).
 
 Both directions are exact renames: tanuki's rotary uses the same half-split layout as HF Llama, so no
 q/k permutation is needed (Meta's original interleaved checkpoints are converted by transformers' own
@@ -36,7 +51,10 @@ _LAYER_NAMES = {
     "mlp.w_gate.weight": "mlp.gate_proj.weight",
     "mlp.w_up.weight": "mlp.up_proj.weight",
     "mlp.w_down.weight": "mlp.down_proj.weight",
+    "mlp.router.weight": "block_sparse_moe.gate.weight",  # Mixtral
 }
+#: tanuki expert projection -> Mixtral's (transformers 4 naming, the on-disk one): w1 gate, w2 down, w3 up
+_EXPERT_NAMES = {"w_gate": "w1", "w_down": "w2", "w_up": "w3"}
 _TOP_NAMES = {
     "embed.weight": "model.embed_tokens.weight",
     "norm.weight": "model.norm.weight",
@@ -63,6 +81,11 @@ TOKENIZER_FILES = (
 
 _LAYER_RE = re.compile(r"^layers\.(\d+)\.(.+)$")
 _HF_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+_EXPERT_RE = re.compile(r"^mlp\.experts\.(\d+)\.(w_gate|w_up|w_down)\.weight$")
+_HF_EXPERT_RE = re.compile(r"^block_sparse_moe\.experts\.(\d+)\.(w1|w2|w3)\.weight$")
+#: transformers 5's in-memory (fused) Mixtral names, accepted on import
+_HF_V5_ROUTER = "mlp.gate.weight"
+_HF_V5_FUSED_RE = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
 
 
 class HFFormatError(ValueError):
@@ -76,21 +99,46 @@ def to_hf_name(name: str) -> str:
     m = _LAYER_RE.match(name)
     if m and m.group(2) in _LAYER_NAMES:
         return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}"
+    e = _EXPERT_RE.match(m.group(2)) if m else None
+    if e:
+        return f"model.layers.{m.group(1)}.block_sparse_moe.experts.{e.group(1)}.{_EXPERT_NAMES[e.group(2)]}.weight"
     raise KeyError(f"no Hugging Face name for tanuki parameter '{name}'")
 
 
 _TOP_INV = {v: k for k, v in _TOP_NAMES.items()}
 _LAYER_INV = {v: k for k, v in _LAYER_NAMES.items()}
+_LAYER_INV[_HF_V5_ROUTER] = "mlp.router.weight"
+_EXPERT_INV = {v: k for k, v in _EXPERT_NAMES.items()}
 
 
 def from_hf_name(name: str) -> str:
-    """Inverse of :func:`to_hf_name`."""
+    """Inverse of :func:`to_hf_name` (also accepts transformers 5's Mixtral router name ``mlp.gate``)."""
     if name in _TOP_INV:
         return _TOP_INV[name]
     m = _HF_LAYER_RE.match(name)
     if m and m.group(2) in _LAYER_INV:
         return f"layers.{m.group(1)}.{_LAYER_INV[m.group(2)]}"
+    e = _HF_EXPERT_RE.match(m.group(2)) if m else None
+    if e:
+        return f"layers.{m.group(1)}.mlp.experts.{e.group(1)}.{_EXPERT_INV[e.group(2)]}.weight"
     raise KeyError(f"no tanuki name for Hugging Face tensor '{name}'")
+
+
+def _split_fused_experts(hf_name: str, t: torch.Tensor) -> Optional[dict[str, torch.Tensor]]:
+    """tanuki tensors of a transformers-5 fused expert tensor, or None if ``hf_name`` is not one."""
+    m = _HF_V5_FUSED_RE.match(hf_name)
+    if not m:
+        return None
+    layer, kind = m.groups()
+    out = {}
+    for e in range(t.shape[0]):
+        p = f"layers.{layer}.mlp.experts.{e}."
+        if kind == "gate_up_proj":  # (E, 2F, D): gate rows first, then up (MixtralExperts' chunk(2))
+            gate, up = t[e].chunk(2, dim=0)
+            out[p + "w_gate.weight"], out[p + "w_up.weight"] = gate.clone(), up.clone()
+        else:
+            out[p + "w_down.weight"] = t[e].clone()
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -106,7 +154,10 @@ def hf_config_dict(
     eos_token_id: Optional[int] = None,
     pad_token_id: Optional[int] = None,
 ) -> dict:
-    """``config.json`` contents of a ``LlamaForCausalLM`` with tanuki's shape."""
+    """``config.json`` contents of a ``LlamaForCausalLM`` (or, for an MoE, ``MixtralForCausalLM``) with
+    tanuki's shape."""
+    if cfg.n_experts:
+        return _mixtral_config_dict(cfg, dtype, bos_token_id, eos_token_id, pad_token_id)
     from transformers import LlamaConfig
 
     hf = LlamaConfig(
@@ -138,14 +189,61 @@ def hf_config_dict(
     return d
 
 
+def _mixtral_config_dict(cfg: ModelConfig, dtype, bos_token_id, eos_token_id, pad_token_id) -> dict:
+    from transformers import MixtralConfig
+
+    hf = MixtralConfig(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.dim,
+        intermediate_size=cfg.ffn_dim,  # of each expert
+        num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.n_kv_heads,
+        head_dim=cfg.attn_head_dim,
+        max_position_embeddings=cfg.max_seq_len,
+        rms_norm_eps=cfg.norm_eps,
+        rope_theta=cfg.rope_theta,
+        hidden_act="silu",
+        tie_word_embeddings=False,
+        initializer_range=cfg.init_std,
+        num_local_experts=cfg.n_experts,
+        num_experts_per_tok=cfg.top_k,
+        router_aux_loss_coef=cfg.router_aux_loss_coef,
+        output_router_logits=False,
+        router_jitter_noise=0.0,
+        sliding_window=None,  # full causal attention, as tanuki's
+        bos_token_id=bos_token_id,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+    )
+    d = hf.to_dict()
+    d["architectures"] = ["MixtralForCausalLM"]
+    d["torch_dtype"] = d["dtype"] = str(dtype).removeprefix("torch.")
+    d["rope_theta"] = float(cfg.rope_theta)  # as for Llama: for transformers 4 readers too
+    return d
+
+
 def model_config_from_hf(hf: Mapping, source: str = "config.json") -> ModelConfig:
-    """tanuki's :class:`ModelConfig` for a HF Llama ``config.json`` (rejecting what tanuki cannot run)."""
+    """tanuki's :class:`ModelConfig` for a HF Llama or Mixtral ``config.json`` (rejecting what tanuki
+    cannot run). Mixtral's ``router_jitter_noise`` (a training-time input perturbation) is not kept."""
     model_type = hf.get("model_type")
-    if model_type != "llama":
+    if model_type not in ("llama", "mixtral"):
         archs = hf.get("architectures")
         raise HFFormatError(
-            f"{source}: not a Llama model (model_type={model_type!r}, architectures={archs}); "
-            "tanuki imports LlamaForCausalLM checkpoints"
+            f"{source}: not a Llama or Mixtral model (model_type={model_type!r}, architectures={archs}); "
+            "tanuki imports LlamaForCausalLM and MixtralForCausalLM checkpoints"
+        )
+    moe = {}
+    if model_type == "mixtral":
+        window = hf.get("sliding_window")
+        if window is not None and window < hf.get("max_position_embeddings", 0):
+            raise HFFormatError(
+                f"{source}: sliding_window={window} is not supported (tanuki attends to the full context)"
+            )
+        moe = dict(
+            n_experts=hf["num_local_experts"],
+            top_k=hf.get("num_experts_per_tok", 2),
+            router_aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)),
         )
     for key, expected in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
         if key in hf and hf[key] != expected:
@@ -173,6 +271,7 @@ def model_config_from_hf(hf: Mapping, source: str = "config.json") -> ModelConfi
         rope_theta=float(theta if theta is not None else 10000.0),
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         init_std=float(hf.get("initializer_range", 0.02)),
+        **moe,
     )
 
 
@@ -207,7 +306,8 @@ def export_hf(
     pad_token_id: Optional[int] = None,
     overwrite: bool = False,
 ) -> Path:
-    """Write ``state_dict`` (tanuki names) as a Hugging Face ``LlamaForCausalLM`` directory.
+    """Write ``state_dict`` (tanuki names) as a Hugging Face ``LlamaForCausalLM`` directory, or
+    ``MixtralForCausalLM`` for an MoE ``cfg`` (experts in the on-disk naming, see the module docstring).
 
     The directory is assembled under a temporary name beside ``output_dir`` and renamed into place
     only when every file is written, so an interrupted export never leaves a loadable-looking
@@ -296,9 +396,13 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         shapes[p + "attn.wv.weight"] = (cfg.n_kv_heads * hd, d)
         shapes[p + "attn.wo.weight"] = (d, cfg.n_heads * hd)
         shapes[p + "mlp_norm.weight"] = (d,)
-        shapes[p + "mlp.w_gate.weight"] = (cfg.ffn_dim, d)
-        shapes[p + "mlp.w_up.weight"] = (cfg.ffn_dim, d)
-        shapes[p + "mlp.w_down.weight"] = (d, cfg.ffn_dim)
+        mlps = [f"{p}mlp.experts.{e}." for e in range(cfg.n_experts)] if cfg.n_experts else [p + "mlp."]
+        if cfg.n_experts:
+            shapes[p + "mlp.router.weight"] = (cfg.n_experts, d)
+        for m in mlps:
+            shapes[m + "w_gate.weight"] = (cfg.ffn_dim, d)
+            shapes[m + "w_up.weight"] = (cfg.ffn_dim, d)
+            shapes[m + "w_down.weight"] = (d, cfg.ffn_dim)
     shapes["norm.weight"] = (d,)
     shapes["head.weight"] = (cfg.vocab_size, d)
     return shapes
@@ -341,7 +445,8 @@ def _weight_files(path: Path) -> list[Path]:
 
 
 def load_hf(path: str | os.PathLike, dtype: Optional[torch.dtype] = None) -> tuple[ModelConfig, dict]:
-    """Read a HF Llama directory: its tanuki :class:`ModelConfig` and state dict (tanuki names, CPU)."""
+    """Read a HF Llama or Mixtral directory: its tanuki :class:`ModelConfig` and state dict (tanuki names,
+    CPU)."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -354,10 +459,15 @@ def load_hf(path: str | os.PathLike, dtype: Optional[torch.dtype] = None) -> tup
             for hf_name in fh.keys():
                 if hf_name.endswith("rotary_emb.inv_freq"):
                     continue
+                fused = _split_fused_experts(hf_name, fh.get_tensor(hf_name)) if cfg.n_experts else None
+                if fused is not None:
+                    sd.update({n: t.to(dtype) if dtype is not None else t for n, t in fused.items()})
+                    continue
                 try:
                     name = from_hf_name(hf_name)
                 except KeyError:
-                    raise HFFormatError(f"{f}: unexpected tensor '{hf_name}' for a Llama model") from None
+                    kind = "Mixtral" if cfg.n_experts else "Llama"
+                    raise HFFormatError(f"{f}: unexpected tensor '{hf_name}' for a {kind} model") from None
                 t = fh.get_tensor(hf_name)
                 sd[name] = t.to(dtype) if dtype is not None else t
     if "head.weight" not in sd and tied and "embed.weight" in sd:
@@ -366,6 +476,11 @@ def load_hf(path: str | os.PathLike, dtype: Optional[torch.dtype] = None) -> tup
     missing = [n for n in shapes if n not in sd]
     if missing:
         raise HFFormatError(f"{path}: {len(missing)} tensors missing, e.g. {[to_hf_name(n) for n in missing[:3]]}")
+    extra = [n for n in sd if n not in shapes]
+    if extra:
+        raise HFFormatError(
+            f"{path}: {len(extra)} tensors that config.json does not account for, e.g. {[to_hf_name(n) for n in extra[:3]]}"
+        )
     for name, shape in shapes.items():
         if tuple(sd[name].shape) != shape:
             raise HFFormatError(
@@ -374,8 +489,27 @@ def load_hf(path: str | os.PathLike, dtype: Optional[torch.dtype] = None) -> tup
     return cfg, sd
 
 
+def read_hf_tensors(path: str | os.PathLike, names, dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:
+    """Only the tensors ``names`` (tanuki names) of a HF directory, read lazily from its safetensors
+    files (e.g. the MLPs of a large dense model). Missing ones raise :class:`HFFormatError`."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    wanted = {to_hf_name(n): n for n in names}
+    out: dict[str, torch.Tensor] = {}
+    for f in _weight_files(path):
+        with safe_open(str(f), framework="pt") as fh:
+            for hf_name in set(fh.keys()) & set(wanted):
+                t = fh.get_tensor(hf_name)
+                out[wanted[hf_name]] = t.to(dtype) if dtype is not None else t
+    missing = [hf for hf, n in wanted.items() if n not in out]
+    if missing:
+        raise HFFormatError(f"{path}: {len(missing)} tensors missing, e.g. {missing[:3]}")
+    return out
+
+
 def import_hf(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
-    """Build a tanuki :class:`~tanuki.model.Transformer` with the weights of a HF Llama directory."""
+    """Build a tanuki :class:`~tanuki.model.Transformer` with the weights of a HF Llama or Mixtral directory."""
     from tanuki.model import Rotary, Transformer
 
     cfg, sd = load_hf(path, dtype=dtype)

@@ -11,7 +11,9 @@ also the gradients, stage 3 also the weights. Tensor parallelism divides everyth
 
 Activation model (per token, per layer, bf16 tensors saved for backward by tanuki's block): the two
 norm inputs and the two normalised outputs (4h), q and the attention output (2h), k and v (2 h_kv),
-and the SwiGLU gate, silu(gate), up and their product (4f): ``2 * (6h + 2h_kv + 4f)`` bytes. Fused
+and the SwiGLU gate, silu(gate), up and their product (4f): ``2 * (6h + 2h_kv + 4f)`` bytes; an MoE
+layer keeps the SwiGLU tensors of each of the ``top_k`` experts a token visits (``4f x top_k``) plus
+the gathered expert inputs and weighted outputs (``2h x top_k``); its router tensors are negligible. Fused
 attention kernels keep no T x T score matrix. The tensor-parallel parts are divided by ``tp``; the norm
 parts only with sequence parallelism (Korthikanti et al. 2022). With activation checkpointing each layer
 keeps only its input (2h bytes) and one layer's activations are live during recomputation. The loss
@@ -36,10 +38,15 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
 
     ``6 x`` the parameters that multiply every token (all linear layers including the output head; the
     embedding lookup is not a matmul) plus ``12 x layers x (heads x head_dim) x seq_len`` for the
-    attention scores and weighted sum (Kaplan et al. 2020; Chowdhery et al. 2022, appendix B).
+    attention scores and weighted sum (Kaplan et al. 2020; Chowdhery et al. 2022, appendix B). For an
+    MoE model the MLP parameters a token multiplies are its ``top_k`` experts and the router (the active
+    parameters); the routing weights' elementwise products are not counted.
     """
     d, hd = cfg.dim, cfg.attn_head_dim
-    linear = cfg.n_layers * (2 * d * cfg.n_heads * hd + 2 * d * cfg.n_kv_heads * hd + 3 * d * cfg.ffn_dim)
+    mlp = 3 * d * cfg.ffn_dim
+    if cfg.n_experts:
+        mlp = cfg.top_k * mlp + d * cfg.n_experts
+    linear = cfg.n_layers * (2 * d * cfg.n_heads * hd + 2 * d * cfg.n_kv_heads * hd + mlp)
     linear += cfg.vocab_size * d  # output head
     attention = 12 * cfg.n_layers * cfg.n_heads * hd * seq_len
     return 6.0 * linear + attention
@@ -83,7 +90,8 @@ def activation_bytes(cfg: ModelConfig, micro_batch: int, seq_len: int, tp: int =
     h, hkv, f = cfg.dim, cfg.n_kv_heads * cfg.attn_head_dim, cfg.ffn_dim
     hq = cfg.n_heads * cfg.attn_head_dim
     replicated = 4 * h / (tp if sp else 1)
-    sharded = (2 * hq + 2 * hkv + 4 * f) / tp
+    mlp = 4 * f if not cfg.n_experts else cfg.top_k * (4 * f + 2 * h)
+    sharded = (2 * hq + 2 * hkv + mlp) / tp
     per_layer = 2 * (replicated + sharded) * tokens
     loss = 10 * cfg.vocab_size / tp * tokens
     if not checkpointing:
@@ -136,6 +144,7 @@ def model_report(cfg: ModelInfoConfig) -> dict:
         "params": counts.total,
         "embedding_params": counts.embedding,
         "non_embedding_params": counts.non_embedding,
+        "active_params": counts.active,
         "flops_per_token": fpt,
         "seq_len": train.seq_len,
         "micro_batch_size": train.micro_batch_size,
@@ -174,6 +183,10 @@ def format_report(name: str, r: dict) -> str:
         f"  parameters            {r['params']:>17,}",
         f"    embedding           {r['embedding_params']:>17,}   (input embedding + output head)",
         f"    non-embedding       {r['non_embedding_params']:>17,}",
+    ]
+    if r["active_params"] != r["params"]:
+        lines.append(f"    active per token    {r['active_params']:>17,}   (mixture of experts: top-k experts)")
+    lines += [
         f"  FLOPs per token       {r['flops_per_token']:>17.4e}   (forward + backward, seq {r['seq_len']})",
         "",
         f"memory plan per GPU: {r['gpus']} GPUs = tp {r['tp']} x dp {r['dp']}, ZeRO-{r['zero_stage']}, bf16 + AdamW,"

@@ -3,7 +3,8 @@
 Pre-norm RMSNorm, rotary position embedding (half-split layout, fp32 angle tables), grouped-query
 attention through ``torch.nn.functional.scaled_dot_product_attention``, SwiGLU MLP, untied input
 embedding and output head, no biases (Touvron et al. 2023, "LLaMA"; the llm-jp-3 and Tanuki-8B shapes in
-``conf/size/``).
+``conf/size/``). With ``n_experts`` > 0 every MLP is a Mixtral-style mixture of experts (:class:`MoEMLP`;
+Tanuki-8x8B), whose router losses :func:`moe_losses` returns for the training step.
 
 This file knows nothing about distribution, DeepSpeed, Hydra or Hugging Face weight names. It uses
 ordinary ``nn.Linear`` / ``nn.Embedding`` modules so that tensor parallelism (``tanuki.parallel``) and the
@@ -199,15 +200,166 @@ class MLP(nn.Module):
         return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
 
 
+@dataclass
+class RouterStats:
+    """What one :class:`MoEMLP` router did in its latest forward: the inputs of the aux losses.
+
+    Kept as sums so that layers (and micro-batches) pool by adding before dividing, as transformers'
+    ``load_balancing_loss_func`` pools the router logits of all layers.
+    """
+
+    #: (n_experts,) top-k assignments per expert, as floats (they sum to rows x top_k); no gradient
+    assignments: torch.Tensor
+    #: (n_experts,) sum over the tokens of each expert's router probability (fp32, differentiable)
+    prob_sum: torch.Tensor
+    #: sum over the tokens of logsumexp(router logits)^2 (fp32, differentiable)
+    z_sum: torch.Tensor
+    #: tokens routed
+    rows: int
+
+    @property
+    def load(self) -> torch.Tensor:
+        """(n_experts,) fraction of the top-k assignments each expert received (sums to 1)."""
+        return self.assignments / self.assignments.sum().clamp(min=1)
+
+    def aux_loss(self) -> torch.Tensor:
+        """This layer's load-balancing loss, ``n_experts * sum_e f_e * P_e`` (see :class:`MoEMLP`)."""
+        f = self.assignments / max(self.rows, 1)
+        p = self.prob_sum / max(self.rows, 1)
+        return f.numel() * (f * p).sum()
+
+    def z_loss(self) -> torch.Tensor:
+        return self.z_sum / max(self.rows, 1)
+
+
+class MoEMLP(nn.Module):
+    """Mixtral-style sparse MLP (Jiang et al. 2024, "Mixtral of Experts"): ``n_experts`` SwiGLU experts,
+    each token processed by ``top_k`` of them.
+
+    Routing, exactly as transformers' ``MixtralTopKRouter``: ``p = softmax(router(x))`` over *all* experts
+    (in fp32), the ``top_k`` largest ``p`` choose the experts, and their ``p`` renormalised to sum to 1
+    weight the experts' outputs: ``y = sum_{e in topk} p_e / sum_{topk} p * expert_e(x)``.
+
+    Dispatch is by index: tokens are sorted by expert, each expert runs once on its rows, the weighted
+    outputs are added back with ``index_add_``. There is no capacity factor, so no token is ever dropped
+    (and none is padded). Every expert runs in every forward, on zero rows if no token chose it, so that
+    all data-parallel ranks call the same modules in the same order (DeepSpeed ZeRO-3 gathers parameters
+    per module call) and every expert gets a gradient (zeros when unused).
+
+    The experts are :class:`MLP` modules, so ``tanuki.fused.apply_kernels`` swaps each for the fused
+    SwiGLU one.
+
+    Each forward stores :class:`RouterStats` in ``self.router_stats`` (the latest forward only); the
+    training step turns them into losses with :func:`moe_losses` right after the forward. The
+    load-balancing loss is the Switch Transformer one (Fedus et al. 2021, eq. 4-6) as Mixtral computes it:
+    ``n_experts * sum_e f_e * P_e``, ``f_e`` = top-k assignments to expert e / tokens (so sum_e f_e =
+    top_k), ``P_e`` = mean router probability of e. Its minimum, ``top_k``, is reached by a uniform
+    router. The router z-loss is ST-MoE's (Zoph et al. 2022, eq. 5): mean over tokens of
+    ``logsumexp(router logits)^2``.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_experts = cfg.n_experts
+        self.top_k = cfg.top_k
+        self.aux_loss_coef = cfg.router_aux_loss_coef
+        self.z_loss_coef = cfg.router_z_loss_coef
+        self.router = nn.Linear(cfg.dim, cfg.n_experts, bias=False)
+        self.experts = nn.ModuleList(MLP(cfg) for _ in range(cfg.n_experts))
+        self.router_stats: Optional[RouterStats] = None
+
+    def route(self, x: torch.Tensor):
+        """``(logits, probs, weights, experts)`` for tokens ``x`` (N, dim): router logits (N, E), their
+        fp32 softmax (N, E), the renormalised top-k weights (N, k, fp32) and the chosen experts (N, k),
+        in descending weight order."""
+        logits = self.router(x)
+        probs = torch.softmax(logits.float(), dim=-1)
+        weights, experts = torch.topk(probs, self.top_k, dim=-1)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        return logits, probs, weights, experts
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        logits, probs, weights, experts = self.route(x)
+
+        flat = experts.reshape(-1)
+        order = torch.argsort(flat, stable=True)  # assignments grouped by expert, in token order
+        counts = torch.bincount(flat, minlength=self.n_experts)
+        rows = order // self.top_k
+        sizes = counts.tolist()  # one host sync per layer
+        inputs = x[rows].split(sizes)
+        gates = weights.reshape(-1)[order].split(sizes)
+        outputs = [(expert(xe) * ge[:, None]).to(x.dtype) for expert, xe, ge in zip(self.experts, inputs, gates)]
+        out = torch.zeros_like(x).index_add_(0, rows, torch.cat(outputs))
+
+        self.router_stats = RouterStats(
+            assignments=counts.detach().float(),
+            prob_sum=probs.sum(dim=0),
+            z_sum=torch.logsumexp(logits.float(), dim=-1).pow(2).sum(),
+            rows=x.shape[0],
+        )
+        return out.view(shape)
+
+    def extra_repr(self) -> str:
+        return f"n_experts={self.n_experts}, top_k={self.top_k}"
+
+
+def moe_losses(model: nn.Module) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The router losses of the latest forward of ``model`` (or of a DeepSpeed engine wrapping it).
+
+    Returns ``(loss, stats)``: ``loss = router_aux_loss_coef * aux + router_z_loss_coef * z``, to be added
+    to the LM loss; ``stats`` (detached scalars) has ``moe_aux_loss``, ``moe_z_loss``, ``moe_load_max``
+    (largest fraction of top-k assignments any expert of any layer got; 1 / n_experts is balanced) and
+    ``moe_load_max/layer{i}`` per layer. A dense model gives ``(0, {})``.
+
+    Layers pool as in transformers' ``load_balancing_loss_func`` (the model's ``aux_loss``, which
+    ``MixtralForCausalLM`` scales by the same ``router_aux_loss_coef``): ``f`` and ``P`` are summed over
+    layers and divided by layers x tokens before the product, ``aux = E * sum_e f_e * P_e``. That is the
+    per-layer loss for one layer, and not in general the mean of the per-layer losses (which are
+    ``RouterStats.aux_loss``). The z-loss is the mean over layers and tokens. Every token of the batch
+    counts (there is no padding mask).
+    """
+    layers = [m for m in model.modules() if isinstance(m, MoEMLP)]
+    if not layers:
+        p = next(model.parameters(), None)
+        return torch.zeros((), device=p.device if p is not None else "cpu"), {}
+    stats = [m.router_stats for m in layers]
+    if any(s is None for s in stats):
+        raise RuntimeError("moe_losses: run a forward first (an MoE layer has no router statistics)")
+    rows = sum(s.rows for s in stats)
+    f = torch.stack([s.assignments for s in stats]).sum(0) / rows
+    p = torch.stack([s.prob_sum for s in stats]).sum(0) / rows
+    aux = layers[0].n_experts * (f * p).sum()
+    z = torch.stack([s.z_sum for s in stats]).sum() / rows
+    loss = torch.zeros((), device=aux.device)
+    if layers[0].aux_loss_coef:
+        loss = loss + layers[0].aux_loss_coef * aux
+    if layers[0].z_loss_coef:
+        loss = loss + layers[0].z_loss_coef * z
+    loads = torch.stack([s.load for s in stats]).max(dim=1).values
+    out = {"moe_aux_loss": aux.detach(), "moe_z_loss": z.detach(), "moe_load_max": loads.max()}
+    for i, v in enumerate(loads):
+        out[f"moe_load_max/layer{i}"] = v
+    return loss, out
+
+
+def expert_load(model: nn.Module) -> torch.Tensor:
+    """(MoE layers, n_experts): the fraction of top-k assignments per expert in the latest forward."""
+    return torch.stack([m.router_stats.load for m in model.modules() if isinstance(m, MoEMLP)])
+
+
 class Block(nn.Module):
-    """One pre-norm decoder layer: ``h = x + attn(norm(x)); out = h + mlp(norm(h))``."""
+    """One pre-norm decoder layer: ``h = x + attn(norm(x)); out = h + mlp(norm(h))``.
+
+    ``mlp`` is a dense :class:`MLP`, or a :class:`MoEMLP` when ``cfg.n_experts`` > 0."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attn = Attention(cfg)
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = MoEMLP(cfg) if cfg.n_experts else MLP(cfg)
 
     def forward(self, x, positions, mask=None, cache=None):
         a = self.attn(self.attn_norm(x), positions, mask, cache)
@@ -234,12 +386,13 @@ class Transformer(nn.Module):
     def init_weights(self, seed: int = 0, std: Optional[float] = None) -> None:
         """Initialise every parameter deterministically from ``seed``.
 
-        Linear and embedding weights ~ N(0, std); the residual output projections (``attn.wo`` and
-        ``mlp.w_down``) use ``std / sqrt(2 * n_layers)`` so the residual stream's variance does not grow
+        Linear and embedding weights (MoE routers included) ~ N(0, std); the residual output projections
+        (``attn.wo`` and every ``w_down``, each expert's too) use ``std / sqrt(2 * n_layers)`` so the residual stream's variance does not grow
         with depth (GPT-2, Radford et al. 2019; Megatron-LM's ``scaled_init_method_normal``, as used by
         llm-jp and Tanuki). Norm weights are ones. Parameters are drawn in a fixed order from one CPU
         generator and then copied to their device, so the values do not depend on the device or on how
-        the model is later sharded.
+        the model is later sharded. Module order fixes the draws: per layer attention, then the router,
+        then experts 0, 1, ... (gate, up, down each).
         """
         std = self.cfg.init_std if std is None else std
         out_std = std / math.sqrt(2 * self.cfg.n_layers)
@@ -248,7 +401,7 @@ class Transformer(nn.Module):
             if isinstance(module, (RMSNorm, Rotary)):
                 module.reset_parameters()
             elif isinstance(module, (nn.Linear, nn.Embedding)):
-                s = out_std if name.endswith(("attn.wo", "mlp.w_down")) else std
+                s = out_std if name.endswith(("attn.wo", "w_down")) else std
                 w = torch.empty(module.weight.shape, dtype=torch.float32).normal_(0.0, s, generator=gen)
                 module.weight.copy_(w)
 
@@ -290,6 +443,10 @@ class Transformer(nn.Module):
     def new_cache(self) -> list[KVCache]:
         return [KVCache() for _ in self.layers]
 
+    def moe_losses(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Weighted router losses and stats of the latest forward: :func:`moe_losses`."""
+        return moe_losses(self)
+
 
 def segment_mask(segment_ids: torch.Tensor) -> torch.Tensor:
     """Boolean attention mask ``(B, 1, T, T)``: causal, and only between positions of the same segment."""
@@ -306,29 +463,45 @@ def segment_mask(segment_ids: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class ParamCounts:
-    """Parameter counts as model cards report them: embedding = input embedding + output head."""
+    """Parameter counts as model cards report them: embedding = input embedding + output head.
+
+    ``active`` counts the parameters each token uses: all of them for a dense model; for an MoE model
+    the ``top_k`` experts of each layer out of ``n_experts`` (Mixtral 8x7B: 46.7B total, 12.9B active).
+    """
 
     total: int
     embedding: int
     non_embedding: int
+    active: int
 
 
 def count_parameters(model: nn.Module) -> ParamCounts:
     """Count parameters (works on the meta device)."""
     total = sum(p.numel() for p in model.parameters())
     embedding = model.embed.weight.numel() + model.head.weight.numel()
-    return ParamCounts(total=total, embedding=embedding, non_embedding=total - embedding)
+    idle = 0
+    for m in model.modules():
+        if isinstance(m, MoEMLP):
+            per_expert = sum(p.numel() for p in m.experts[0].parameters())
+            idle += (m.n_experts - m.top_k) * per_expert
+    return ParamCounts(total=total, embedding=embedding, non_embedding=total - embedding, active=total - idle)
 
 
 def param_counts_formula(cfg: ModelConfig) -> ParamCounts:
     """Closed-form parameter counts of :class:`Transformer` for ``cfg``."""
     d, hd = cfg.dim, cfg.attn_head_dim
     attn = d * cfg.n_heads * hd * 2 + d * cfg.n_kv_heads * hd * 2  # q, o and k, v
-    mlp = 3 * d * cfg.ffn_dim
+    expert = 3 * d * cfg.ffn_dim
+    if cfg.n_experts:
+        mlp, active_mlp = cfg.n_experts * expert + d * cfg.n_experts, cfg.top_k * expert + d * cfg.n_experts
+    else:
+        mlp = active_mlp = expert
     per_layer = attn + mlp + 2 * d  # two norms
     non_embedding = cfg.n_layers * per_layer + d  # final norm
     embedding = 2 * cfg.vocab_size * d
-    return ParamCounts(total=embedding + non_embedding, embedding=embedding, non_embedding=non_embedding)
+    total = embedding + non_embedding
+    return ParamCounts(total=total, embedding=embedding, non_embedding=non_embedding,
+                       active=total - cfg.n_layers * (mlp - active_mlp))
 
 
 def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", seed: int = 0,

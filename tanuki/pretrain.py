@@ -94,6 +94,7 @@ def lm_step(model, batch: dict[str, torch.Tensor], *, z_loss: float, vocab_limit
     ``vocab_parallel`` says which vocabulary slice this rank's logits are under tensor parallelism.
     """
     from tanuki.losses import causal_lm_loss
+    from tanuki.model import moe_losses
     from tanuki.train import StepOutput
 
     tokens = batch["tokens"]
@@ -102,7 +103,9 @@ def lm_step(model, batch: dict[str, torch.Tensor], *, z_loss: float, vocab_limit
     stats = {"loss": out.ce}
     if z_loss > 0:
         stats["z_loss"] = out.z
-    return StepOutput(loss=out.loss, stats=stats)
+    router_loss, router_stats = moe_losses(model)  # (0, {}) for a dense model
+    stats.update(router_stats)
+    return StepOutput(loss=out.loss + router_loss, stats=stats)
 
 
 def precision_is_bf16(precision: str) -> bool:

@@ -135,6 +135,7 @@ def sft_step(model, batch: dict[str, torch.Tensor], *, z_loss: float, vocab_limi
     over fp32 weights (LISA's mixed precision).
     """
     from tanuki.losses import causal_lm_loss
+    from tanuki.model import moe_losses
     from tanuki.train import StepOutput
 
     tokens = batch["tokens"]
@@ -142,7 +143,8 @@ def sft_step(model, batch: dict[str, torch.Tensor], *, z_loss: float, vocab_limi
         logits = model(tokens, positions=batch["positions"], segment_ids=batch["segment_ids"])
     out = causal_lm_loss(logits, batch["labels"], z_loss=z_loss, vocab_limit=vocab_limit,
                          normalizer=batch.get("loss_normalizer"), vocab_parallel=vocab_parallel)
-    return StepOutput(loss=out.loss, stats={"loss": out.ce})
+    router_loss, router_stats = moe_losses(model)  # (0, {}) for a dense model
+    return StepOutput(loss=out.loss + router_loss, stats={"loss": out.ce, **router_stats})
 
 
 def build_sft_model(cfg: SFTConfig, device: torch.device, groups=None):

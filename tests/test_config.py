@@ -1,6 +1,7 @@
 """Config composition and validation: every file in conf/ composes, bad values fail naming the key."""
 
 import importlib
+
 import pytest
 from conftest import CONF, compose
 from omegaconf import OmegaConf
@@ -31,6 +32,8 @@ SCHEMAS = {
     "dpo": ("tanuki.dpo:DPOConfig", ["init=hf"]),
     "plot": ("tanuki.plot:PlotConfig", ["run.dir=runs/a"]),
     "chat": ("tanuki.chat:ChatConfig", ["model=hf"]),
+    "merge_moe": ("tanuki.merge_moe:MergeMoEConfig", ["base=a", "experts=[b,c]", "output=out"]),
+    "weight_diff": ("tanuki.weight_diff:WeightDiffConfig", ["mode=make", "raw=raw", "tuned=tuned", "output=out"]),
 }
 
 

@@ -8,11 +8,24 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
 from tanuki.checkpoint import load_model_file, save_model_file
 from tanuki.config import ModelConfig
-from tanuki.hf import HFFormatError, export_hf, from_hf_name, import_hf, load_hf, to_hf_name
+from tanuki.hf import (
+    HFFormatError,
+    export_hf,
+    from_hf_name,
+    import_hf,
+    load_hf,
+    to_hf_name,
+)
 from tanuki.model import build_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -128,7 +141,7 @@ def test_import_rejects_a_model_that_is_not_llama(tmp_path):
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50, n_positions=32)).save_pretrained(
         tmp_path / "gpt2"
     )
-    with pytest.raises(HFFormatError, match=r"config.json: not a Llama model \(model_type='gpt2'"):
+    with pytest.raises(HFFormatError, match=r"config.json: not a Llama or Mixtral model \(model_type='gpt2'"):
         import_hf(tmp_path / "gpt2")
 
 

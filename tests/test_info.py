@@ -12,7 +12,14 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from tanuki.config import ModelConfig, ModelInfoConfig, from_dict
-from tanuki.info import GIB, activation_bytes, flops_per_token, model_report, model_state_bytes
+from tanuki.info import (
+    GIB,
+    activation_bytes,
+    flops_per_token,
+    format_report,
+    model_report,
+    model_state_bytes,
+)
 from tanuki.losses import causal_lm_loss
 from tanuki.model import build_model
 
@@ -24,7 +31,10 @@ REPO = Path(__file__).resolve().parents[1]
     [
         ModelConfig(n_layers=2, dim=64, n_heads=4, n_kv_heads=2, ffn_dim=96, vocab_size=256),
         ModelConfig(n_layers=3, dim=48, n_heads=3, n_kv_heads=3, ffn_dim=80, vocab_size=130, head_dim=32),
+        # MoE: the experts a token visits (top_k of n_experts) and the router
+        ModelConfig(n_layers=2, dim=64, n_heads=4, n_kv_heads=2, ffn_dim=96, vocab_size=256, n_experts=4, top_k=2),
     ],
+    ids=["gqa", "head_dim", "moe"],
 )
 def test_flops_per_token_equals_the_flop_counter(cfg):
     """torch's FLOP counter sees every matmul of forward + backward (attention counted unmasked).
@@ -81,6 +91,17 @@ def test_report_for_8b_on_a_node():
     assert r["memory"]["fits_checkpointed"]
     expected_days = 1e12 * r["flops_per_token"] / (8 * 989e12 * 0.4) / 86400
     assert r["time"]["days"] == pytest.approx(expected_days)
+
+
+def test_report_for_8x8b_counts_active_parameters():
+    cfg = from_dict(ModelInfoConfig, compose("model_info", ["+size=8x8b", "plan.gpus=16"]))
+    r = model_report(cfg)
+    assert r["params"] == 46_973_325_312 and r["active_params"] == 13_150_457_856
+    dense = model_report(from_dict(ModelInfoConfig, compose("model_info", ["+size=8b", "plan.gpus=16"])))
+    assert dense["active_params"] == dense["params"]
+    # FLOPs follow the active parameters: between the dense 8b and a dense model of all 47B
+    assert dense["flops_per_token"] < r["flops_per_token"] < 6 * r["params"]
+    assert "active per token" in format_report("8x8b", r) and "active per token" not in format_report("8b", dense)
 
 
 def test_model_info_cli_prints_counts_and_plan():

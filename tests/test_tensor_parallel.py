@@ -274,6 +274,8 @@ def test_bad_tensor_parallel_configs_fail_before_any_process_group(tiny_corpus, 
         cfg("parallel.tp=2", "parallel.sp=true", "train.seq_len=31", "model.n_heads=8")
     with pytest.raises(ConfigError, match=r"parallel.tp.*3 ranks"):
         pretrain.prepare(cfg("parallel.tp=2"), DistEnv(0, 3, 0, "torchrun/deepspeed"))
+    with pytest.raises(ConfigError, match=r"parallel.tp.*MoE"):
+        cfg("parallel.tp=2", "model.n_experts=4")
     with pytest.raises(ConfigError, match=r"padded vocabulary"):
         cfg("parallel.tp=2", "model.vocab_size=1279")
 

@@ -297,3 +297,26 @@ def test_keep_last_prunes_old_checkpoints_and_max_tokens_sets_the_length(tiny_co
     root = tmp_path / "checkpoints"
     assert sorted(p.name for p in root.glob("step_*")) == ["step_00000004", "step_00000006"]
     assert latest_checkpoint(root) == root / "step_00000006"
+
+
+def test_tiny_moe_trains_under_zero3_and_exports_as_mixtral(tiny_corpus, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from tanuki.model import Transformer
+    from tanuki.pretrain import export_checkpoint
+
+    result, lines, losses = train(tiny_corpus, tmp_path, "model.n_experts=4", "model.top_k=2",
+                                  "model.router_aux_loss_coef=0.01", "train.max_steps=4", "checkpoint.every=100")
+    assert losses[4] < losses[1]
+    records = [r for r in result.history if "loss" in r]
+    # the balancing loss is reported (E * sum f P >= top_k, with equality for a perfectly balanced router)
+    assert all(r["moe_aux_loss"] >= 2 - 1e-5 for r in records) and all(0.25 <= r["moe_load_max"] <= 1 for r in records)
+    out = export_checkpoint(tmp_path, tmp_path / "hf", dtype="float32")
+    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert type(hf).__name__ == "MixtralForCausalLM"
+    cfg, sd = consolidate_checkpoint(result.last_checkpoint)
+    model = Transformer(cfg).eval()
+    model.load_state_dict(sd, strict=False)
+    x = torch.randint(0, 1280, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, model(x), rtol=1e-5, atol=1e-5)

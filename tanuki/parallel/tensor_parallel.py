@@ -178,6 +178,8 @@ def apply_tensor_parallel(model: nn.Module, groups: ProcessGroups, sequence_para
     """
     tp, rank, group = groups.tp, groups.tp_rank, groups.tp_group
     cfg = model.cfg
+    if getattr(cfg, "n_experts", 0) and tp > 1:
+        raise ValueError("tensor parallelism of MoE layers is not supported (model.n_experts > 0): use tp=1")
     for key in ("n_heads", "n_kv_heads", "ffn_dim", "vocab_size"):
         if getattr(cfg, key) % tp:
             raise ValueError(f"model.{key}={getattr(cfg, key)} is not divisible by tp={tp}")
