@@ -447,7 +447,11 @@ def preference_accuracy(model_dir: str | Path, pairs_path: str | Path, *, templa
     rejected one, over the pairs of a JSONL file (no reference involved): ``{"accuracy", "pairs"}``."""
     from transformers import PreTrainedTokenizerFast
 
-    from tanuki.data.preference import PreferenceDataConfig, PreferenceDataLoader, build_preference_datasets
+    from tanuki.data.preference import (
+        PreferenceDataConfig,
+        PreferenceDataLoader,
+        build_preference_datasets,
+    )
     from tanuki.hf import import_hf
 
     cfg = DPOConfig(init=str(model_dir), template=template)

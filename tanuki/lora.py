@@ -50,7 +50,6 @@ like the rest. Under ZeRO-3 the live parameters are shards: save the adapter fro
 from __future__ import annotations
 
 import contextlib
-
 import dataclasses
 import math
 import os

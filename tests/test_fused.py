@@ -13,7 +13,14 @@ from torch import nn
 
 import tanuki.fused
 from tanuki.config import ModelConfig
-from tanuki.fused import TritonMLP, TritonRMSNorm, TritonRotary, apply_kernels, kernel_summary, resolve_kernels
+from tanuki.fused import (
+    TritonMLP,
+    TritonRMSNorm,
+    TritonRotary,
+    apply_kernels,
+    kernel_summary,
+    resolve_kernels,
+)
 from tanuki.losses import causal_lm_loss
 from tanuki.model import MLP, RMSNorm, Rotary, Transformer, build_model
 

@@ -203,14 +203,14 @@ def test_lisa_loss_depends_on_the_active_layers_and_other_stages_are_refused(bas
 
 
 def test_exact_match_evaluation_agrees_with_transformers_generate(base, tmp_path):
+    import shutil
+
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tanuki.data.sft import read_eval_prompts
     from tanuki.sft import evaluate_exact_match
     from tanuki.tokenizer import sample_data_path
     from tanuki.tokenizer.templates import write_chat_template
-
-    import shutil
 
     model_dir = tmp_path / "model"
     shutil.copytree(base / "base", model_dir)

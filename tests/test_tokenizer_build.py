@@ -15,7 +15,13 @@ import zstandard
 
 from tanuki.config import ConfigError, from_dict
 from tanuki.textio import CorpusError
-from tanuki.tokenizer import BuildTokenizerConfig, TokenizerBuildError, build_tokenizer, load, sample_data_path
+from tanuki.tokenizer import (
+    BuildTokenizerConfig,
+    TokenizerBuildError,
+    build_tokenizer,
+    load,
+    sample_data_path,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
