@@ -126,13 +126,14 @@ def prepare(cfg: SFTConfig, env: DistEnv) -> PreparedSFT:
 
 
 def sft_step(model, batch: dict[str, torch.Tensor], *, z_loss: float, vocab_limit: int | None, vocab_parallel=None,
-             autocast: torch.dtype | None = None):
+             autocast: torch.dtype | None = None, packed: bool = True):
     """One micro-batch: the loss on the labelled (assistant) tokens of packed rows.
 
     With ``batch["loss_normalizer"]`` (set by the loop from the global count of loss tokens), the
     summed loss is divided by it, so every token of the global batch weighs the same; evaluation
     batches have none and report the per-token mean of the batch. ``autocast``: compute in that dtype
-    over fp32 weights (LISA's mixed precision).
+    over fp32 weights (LISA's mixed precision). Unpacked rows (one sample, then padding that carries no
+    loss) need no block-diagonal mask: plain causal attention is cheaper and gives the same loss.
     """
     from tanuki.losses import causal_lm_loss
     from tanuki.model import moe_losses
@@ -140,7 +141,7 @@ def sft_step(model, batch: dict[str, torch.Tensor], *, z_loss: float, vocab_limi
 
     tokens = batch["tokens"]
     with torch.autocast(tokens.device.type, dtype=autocast, enabled=autocast is not None):
-        logits = model(tokens, positions=batch["positions"], segment_ids=batch["segment_ids"])
+        logits = model(tokens, positions=batch["positions"], segment_ids=batch["segment_ids"] if packed else None)
     out = causal_lm_loss(logits, batch["labels"], z_loss=z_loss, vocab_limit=vocab_limit,
                          normalizer=batch.get("loss_normalizer"), vocab_parallel=vocab_parallel)
     router_loss, router_stats = moe_losses(model)  # (0, {}) for a dense model
@@ -289,7 +290,8 @@ def run(prep: PreparedSFT, env: DistEnv, run_dir: Path, print_fn: Callable[[str]
         name="sft",
         model=model,
         step_fn=functools.partial(sft_step, z_loss=tc.z_loss, vocab_limit=vocab,
-                                  vocab_parallel=getattr(model, "vocab_parallel", None), autocast=autocast),
+                                  vocab_parallel=getattr(model, "vocab_parallel", None), autocast=autocast,
+                                  packed=cfg.data.packing),
         train_loader=loader,
         valid_batches=valid_batches,
         tokens_per_step=tc.global_batch_size * tc.seq_len,
