@@ -21,7 +21,9 @@ builds them before sharding::
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Optional
 
@@ -383,7 +385,8 @@ class Transformer(nn.Module):
     # -- initialisation -----------------------------------------------------------------------------
 
     @torch.no_grad()
-    def init_weights(self, seed: int = 0, std: Optional[float] = None) -> None:
+    def init_weights(self, seed: int = 0, std: Optional[float] = None,
+                     gather: Optional[Callable[[list[nn.Parameter]], contextlib.AbstractContextManager]] = None) -> None:
         """Initialise every parameter deterministically from ``seed``.
 
         Linear and embedding weights (MoE routers included) ~ N(0, std); the residual output projections
@@ -393,17 +396,26 @@ class Transformer(nn.Module):
         generator and then copied to their device, so the values do not depend on the device or on how
         the model is later sharded. Module order fixes the draws: per layer attention, then the router,
         then experts 0, 1, ... (gate, up, down each).
+
+        ``gather(params)``: for parameters that are partitioned as they are created (DeepSpeed ZeRO-3's
+        ``zero.Init``), a context manager in which ``params`` are whole (``deepspeed.zero.
+        GatheredParameters(params, modifier_rank=0)``; what rank 0 writes is scattered on exit). Every
+        rank draws the same numbers in the same order, so the generator state, and the values, are those
+        of an unpartitioned model.
         """
         std = self.cfg.init_std if std is None else std
         out_std = std / math.sqrt(2 * self.cfg.n_layers)
         gen = torch.Generator(device="cpu").manual_seed(seed)
         for name, module in self.named_modules():
-            if isinstance(module, (RMSNorm, Rotary)):
-                module.reset_parameters()
-            elif isinstance(module, (nn.Linear, nn.Embedding)):
-                s = out_std if name.endswith(("attn.wo", "w_down")) else std
-                w = torch.empty(module.weight.shape, dtype=torch.float32).normal_(0.0, s, generator=gen)
-                module.weight.copy_(w)
+            if isinstance(module, (RMSNorm, Rotary, nn.Linear, nn.Embedding)):
+                params = list(module.parameters(recurse=False))
+                with gather(params) if gather is not None and params else contextlib.nullcontext():
+                    if isinstance(module, (RMSNorm, Rotary)):
+                        module.reset_parameters()
+                    else:
+                        s = out_std if name.endswith(("attn.wo", "w_down")) else std
+                        w = torch.empty(module.weight.shape, dtype=torch.float32).normal_(0.0, s, generator=gen)
+                        module.weight.copy_(w)
 
     # -- forward ------------------------------------------------------------------------------------
 

@@ -66,7 +66,9 @@ def lr_at(step: int, s: Schedule) -> float:
 
 def is_no_decay(name: str, param: nn.Parameter, decay_embeddings: bool = False, decay_norms: bool = False) -> bool:
     """Whether parameter ``name`` is excluded from weight decay."""
-    if param.ndim < 2:  # norm gains (and any bias)
+    # A ZeRO-3 parameter partitioned as it was built (deepspeed.zero.Init) is a flat 1-D shard; its
+    # shape is ``ds_shape``.
+    if len(getattr(param, "ds_shape", param.shape)) < 2:  # norm gains (and any bias)
         return not decay_norms
     if name == "embed.weight" or name.endswith(".embed.weight"):
         return not decay_embeddings

@@ -114,10 +114,45 @@ def precision_is_bf16(precision: str) -> bool:
     return precision == "bf16"
 
 
+def builds_partitioned(cfg: PretrainConfig, groups=None) -> bool:
+    """Whether the model is built partitioned over the ranks (``deepspeed.zero.Init``) rather than whole
+    on every rank: ZeRO-3 without TP, from ``seed``. With TP > 1 the TP rewrite needs whole modules to
+    slice, and ``init`` loads whole Hugging Face tensors, so both keep building the full fp32 model
+    (DeepSpeed partitions it in ``deepspeed.initialize``)."""
+    return cfg.parallel.zero_stage == 3 and (groups is None or groups.tp == 1) and not cfg.init
+
+
+def build_partitioned_model(cfg: PretrainConfig, groups=None):
+    """``build_model(cfg.model, seed=cfg.seed)``'s values, but each parameter partitioned over the ranks as
+    it is created, so no rank ever holds the whole fp32 model."""
+    import deepspeed
+    import torch.distributed as dist
+
+    from tanuki.model import Transformer
+    from tanuki.parallel.zero import deepspeed_config
+
+    dp_size = groups.dp if groups is not None else (dist.get_world_size() if dist.is_initialized() else 1)
+    ds_config = deepspeed_config(cfg.train, cfg.parallel, dp_size=dp_size, bf16=precision_is_bf16(cfg.train.precision))
+    # As deepspeed.initialize does later: DeepSpeed's comm wraps the process group tanuki made, so the
+    # config zero.Init parses sees the real world size.
+    from deepspeed.accelerator import get_accelerator
+
+    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), dist_init_required=False)
+    # dtype=None: the parameters take the dtype the engine would cast them to (bf16 or fp32, from the
+    # config), as the old path's values do; the init is drawn in fp32 and rounded on copy, like that cast.
+    # (An explicit dtype=torch.float32 is turned into bf16 on accelerators without fp16, e.g. DeepSpeed's
+    # CPU accelerator, and a bf16 engine does not cast zero.Init parameters.)
+    with deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=None):
+        model = Transformer(cfg.model)
+    model.init_weights(cfg.seed, gather=lambda params: deepspeed.zero.GatheredParameters(params, modifier_rank=0))
+    return model
+
+
 def build_pretrain_model(cfg: PretrainConfig, device: torch.device, groups=None):
     """The model of a run, in the order the architecture fixes: the full model from ``init`` (a Hugging
     Face directory) or from ``seed``; the kernel swap; tensor parallelism (``groups``, when tp > 1);
-    activation checkpointing. Still fp32; DeepSpeed casts and shards it over the DP ranks."""
+    activation checkpointing. Still fp32; DeepSpeed casts and shards it over the DP ranks. Under ZeRO-3
+    without TP or ``init`` it is built already partitioned (:func:`build_partitioned_model`)."""
     from tanuki.fused import apply_kernels
     from tanuki.model import build_model
 
@@ -125,6 +160,8 @@ def build_pretrain_model(cfg: PretrainConfig, device: torch.device, groups=None)
         from tanuki.hf import import_hf
 
         model = import_hf(cfg.init, device=device, dtype=torch.float32)
+    elif builds_partitioned(cfg, groups):
+        model = build_partitioned_model(cfg, groups)
     else:
         model = build_model(cfg.model, device=device, seed=cfg.seed)
     model = apply_kernels(model, cfg.model.kernels, device=device)
@@ -222,7 +259,8 @@ def run(prep: Prepared, env: DistEnv, run_dir: Path, print_fn: Callable[[str], N
             f"ZeRO-{cfg.parallel.zero_stage}, {'bf16' if bf16 else 'fp32'}, {device.type}; "
             f"global batch {tc.global_batch_size} = {tc.micro_batch_size} x {dp_size} ranks x {prep.grad_accumulation} "
             f"accumulation; {total_steps} steps = {total_steps * tc.global_batch_size * tc.seq_len:,} tokens; "
-            f"kernels {kernels}; run dir {run_dir}"
+            f"kernels {kernels}{'; built partitioned (zero.Init)' if builds_partitioned(cfg, groups) else ''}; "
+            f"run dir {run_dir}"
         )
         if valid_batches is None:
             print_fn("no validation data (set data.valid_fraction or data.valid_prefixes to track validation loss)")

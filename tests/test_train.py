@@ -320,3 +320,73 @@ def test_tiny_moe_trains_under_zero3_and_exports_as_mixtral(tiny_corpus, tmp_pat
     x = torch.randint(0, 1280, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(hf(x).logits, model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_zero3_builds_partitioned_and_equals_the_whole_model_build(tiny_corpus, tmp_path, reference, monkeypatch):
+    """ZeRO-3 without TP builds the model inside ``deepspeed.zero.Init`` (no rank holds it whole); the
+    values, losses and trained weights are those of the old build (the whole model, then partitioned)."""
+    from deepspeed.runtime.zero.partition_parameters import is_zero_param
+
+    from tanuki import pretrain
+    from tanuki.model import build_model
+
+    assert any("built partitioned (zero.Init)" in ln for ln in reference["lines"])
+    cfg = config(tiny_corpus, tmp_path / "unused")
+    assert pretrain.builds_partitioned(cfg)
+    # the initial values: gathered from the partitions, those of build_model(seed)
+    import deepspeed
+
+    model = pretrain.build_partitioned_model(cfg)
+    want = build_model(cfg.model, seed=cfg.seed).state_dict()
+    params = dict(model.named_parameters())
+    assert all(is_zero_param(p) for p in params.values())
+    with deepspeed.zero.GatheredParameters(list(params.values())):
+        got = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    assert got.keys() == want.keys()
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+    # the run built the old way: the same losses and the same consolidated checkpoint
+    monkeypatch.setattr(pretrain, "builds_partitioned", lambda cfg, groups=None: False)
+    result, lines, losses = train(tiny_corpus, tmp_path / "whole", "train.max_steps=6", "checkpoint.every=6")
+    assert not any("built partitioned" in ln for ln in lines)
+    ref = reference["losses"]
+    assert sorted(losses) == sorted(ref)
+    for s in ref:
+        assert losses[s] == pytest.approx(ref[s], rel=1e-6), s
+    _, w_whole = consolidate_checkpoint(result.last_checkpoint)
+    _, w_part = consolidate_checkpoint(reference["dir"] / "checkpoints/step_00000006")
+    assert w_whole.keys() == w_part.keys()
+    for k in w_whole:
+        torch.testing.assert_close(w_part[k], w_whole[k], rtol=1e-6, atol=1e-7, msg=k)
+
+
+def train_partitioned_on_rank(rank, world, corpus, run_dir, extra):
+    from pathlib import Path
+
+    from tanuki import pretrain
+    from tanuki.parallel.env import dist_env
+
+    lines = []
+    env = dist_env()
+    prep = pretrain.prepare(config(corpus, Path(run_dir), *extra), env)
+    result = pretrain.run(prep, env, Path(run_dir).resolve(), print_fn=lines.append)
+    return {r["step"]: r["loss"] for r in result.history if "loss" in r}, str(result.last_checkpoint), lines
+
+
+@pytest.mark.slow
+def test_zero3_built_partitioned_on_two_ranks_equals_one_process(tiny_corpus, tmp_path):
+    from dist_helpers import run_ranks
+
+    extra = ("train.max_steps=3", "checkpoint.every=3", "parallel.zero_stage=3")
+    one, one_lines, one_losses = train(tiny_corpus, tmp_path / "one", *extra)
+    losses, ckpt, lines = run_ranks(train_partitioned_on_rank, 2, tiny_corpus, str(tmp_path / "two"), extra)[0]
+    assert any("built partitioned (zero.Init)" in ln for ln in one_lines)
+    assert any("built partitioned (zero.Init)" in ln and "x dp 2" in ln for ln in lines)
+    assert sorted(losses) == sorted(one_losses) == [1, 2, 3]
+    for s in one_losses:  # the data-parallel mean sums in another order
+        assert losses[s] == pytest.approx(one_losses[s], rel=1e-5), s
+    _, two = consolidate_checkpoint(ckpt)
+    _, ref = consolidate_checkpoint(one.last_checkpoint)
+    assert two.keys() == ref.keys()
+    for k in ref:
+        torch.testing.assert_close(two[k], ref[k], rtol=1e-4, atol=3e-5, msg=k)
