@@ -56,7 +56,7 @@ def unigram_entropy(prefix: Path) -> float:
     return float(-(p * np.log(p)).sum())
 
 
-def main(out: Path, steps: int = 200, sft_steps: int = 100, dpo_steps: int = 40) -> None:
+def main(out: Path, steps: int = 200, sft_steps: int = 100, dpo_steps: int = 80) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -150,7 +150,7 @@ def main(out: Path, steps: int = 200, sft_steps: int = 100, dpo_steps: int = 40)
     pref_before = preference_accuracy(out / "sft" / "hf", pairs_eval, max_prompt_length=200)
     run("launch/dpo.py", f"init={rel}/sft/hf", "data.path=tanuki/sample_data/dpo.jsonl", f"run.dir={rel}/dpo",
         f"train.max_steps={dpo_steps}", "train.seq_len=256", "train.micro_batch_size=8", "train.global_batch_size=16",
-        "train.lr=2e-4", "train.min_lr=2e-5", "train.warmup_steps=4", "loss.beta=0.1", "reference=precompute",
+        "train.lr=3e-4", "train.min_lr=2e-5", "train.warmup_steps=4", "loss.beta=0.1", "reference=precompute",
         "data.max_prompt_length=200", "logging.every=10", "export.dtype=float32")
     pref_after = preference_accuracy(out / "dpo" / "hf", pairs_eval, max_prompt_length=200)
     em_after = evaluate_exact_match(out / "dpo" / "hf", eval_path, max_new_tokens=24)
@@ -180,4 +180,4 @@ def main(out: Path, steps: int = 200, sft_steps: int = 100, dpo_steps: int = 40)
 if __name__ == "__main__":
     args = dict(a.split("=", 1) for a in sys.argv[1:] if "=" in a)
     main(Path(args["out"]).resolve() if "out" in args else REPO / "demo_out", steps=int(args.get("steps", 200)),
-         sft_steps=int(args.get("sft_steps", 100)), dpo_steps=int(args.get("dpo_steps", 40)))
+         sft_steps=int(args.get("sft_steps", 100)), dpo_steps=int(args.get("dpo_steps", 80)))
