@@ -287,7 +287,6 @@ def build_reference_model(cfg: DPOConfig, device: torch.device, groups, train_cf
 
 def run(prep: PreparedDPO, env: DistEnv, run_dir: Path, print_fn: Callable[[str], None] = print):
     """Optimise preferences inside an initialised process group; returns the TrainResult."""
-    import torch.distributed as dist
     from transformers import PreTrainedTokenizerFast
 
     from tanuki.data.preference import PreferenceDataLoader, build_preference_datasets
@@ -297,8 +296,8 @@ def run(prep: PreparedDPO, env: DistEnv, run_dir: Path, print_fn: Callable[[str]
     from tanuki.parallel.groups import build_process_groups
     from tanuki.parallel.zero import build_engine
     from tanuki.pretrain import precision_is_bf16
-    from tanuki.sft import _copy_tokenizer, build_sft_model, export_sft
-    from tanuki.train import RunSettings, Stage, train
+    from tanuki.sft import build_sft_model, export_sft
+    from tanuki.train import RunSettings, Stage, train_and_close, write_run_files
 
     cfg, tc = prep.cfg, prep.cfg.train
     groups = build_process_groups(cfg.parallel.tp)
@@ -360,11 +359,7 @@ def run(prep: PreparedDPO, env: DistEnv, run_dir: Path, print_fn: Callable[[str]
     config = {**to_dict(cfg), "model": to_dict(prep.model), "template": prep.template}
     logger = None
     if env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        from omegaconf import OmegaConf
-
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(config)))
-        _copy_tokenizer(prep.tokenizer_dir, run_dir / "tokenizer")
+        write_run_files(config, prep.tokenizer_dir, run_dir)
         logger = MetricsLogger(run_dir, wandb=cfg.logging.wandb, config=config, print_fn=print_fn)
         print_fn(
             f"DPO ({cfg.loss.type}, beta {cfg.loss.beta}, {cfg.method}, reference {cfg.reference}) of {cfg.init}: "
@@ -393,17 +388,8 @@ def run(prep: PreparedDPO, env: DistEnv, run_dir: Path, print_fn: Callable[[str]
         on_finish=on_finish,
         perplexity=False,
     )
-    settings = RunSettings(train=tc, parallel=cfg.parallel, checkpoint_every=cfg.checkpoint.every,
-                           keep_last=cfg.checkpoint.keep_last, log_every=cfg.logging.every,
-                           peak_tflops=cfg.logging.peak_tflops, resume=cfg.resume)
-    try:
-        result = train(stage, settings, env, run_dir, engine=engine, optimizer=optimizer, logger=logger, print_fn=print_fn)
-    finally:
-        if logger is not None:
-            logger.close()
-    if dist.is_initialized():
-        dist.barrier()
-    return result
+    return train_and_close(stage, RunSettings.from_config(cfg), env, run_dir, engine=engine, optimizer=optimizer,
+                           logger=logger, print_fn=print_fn)
 
 
 class _SplitReference:

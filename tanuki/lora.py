@@ -243,11 +243,11 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, seed: int = 0) -> nn.Module:
     embedding / output head when ``cfg.train_embeddings`` / ``cfg.train_head``. Sets ``model.lora_config``.
 
     Call it after the kernel swap (and on a model without tensor parallelism), before activation
-    checkpointing and the ZeRO engine; raises ``NotImplementedError`` on a model with ``tp_groups.tp > 1``.
+    checkpointing and the ZeRO engine; refuses (``ValueError``) a model with ``tp_groups.tp > 1``.
     """
     groups = getattr(model, "tp_groups", None)
     if groups is not None and getattr(groups, "tp", 1) > 1:
-        raise NotImplementedError(
+        raise ValueError(
             f"LoRA with tensor parallelism (tp={groups.tp}) is not supported: the adapters would need "
             "sharding too. Train LoRA with parallel.tp=1 (data parallel with ZeRO); the frozen base needs no "
             "optimizer state, which is why LoRA fits where full fine-tuning needs TP."

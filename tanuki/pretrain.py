@@ -182,7 +182,6 @@ def build_pretrain_model(cfg: PretrainConfig, device: torch.device, groups=None)
 
 def run(prep: Prepared, env: DistEnv, run_dir: Path, print_fn: Callable[[str], None] = print):
     """Train on the prepared config inside an initialised process group; returns the TrainResult."""
-    import torch.distributed as dist
 
     from tanuki.data import DataLoader, build_pretrain_datasets
     from tanuki.info import flops_per_token
@@ -195,7 +194,8 @@ def run(prep: Prepared, env: DistEnv, run_dir: Path, print_fn: Callable[[str], N
         Stage,
         check_resumable,
         find_resume_checkpoint,
-        train,
+        train_and_close,
+        write_run_files,
     )
 
     cfg = prep.cfg
@@ -250,7 +250,7 @@ def run(prep: Prepared, env: DistEnv, run_dir: Path, print_fn: Callable[[str], N
     config = to_dict(cfg)
     logger = None
     if env.is_main:
-        write_run_files(cfg, run_dir)
+        write_run_files(config, cfg.tokenizer.path, run_dir)
         logger = MetricsLogger(run_dir, wandb=cfg.logging.wandb, config=config, print_fn=print_fn)
         n = counts
         print_fn(
@@ -286,46 +286,8 @@ def run(prep: Prepared, env: DistEnv, run_dir: Path, print_fn: Callable[[str], N
         resume_keys=RESUME_KEYS,
         on_finish=on_finish,
     )
-    settings = RunSettings(
-        train=tc,
-        parallel=cfg.parallel,
-        checkpoint_every=cfg.checkpoint.every,
-        keep_last=cfg.checkpoint.keep_last,
-        log_every=cfg.logging.every,
-        peak_tflops=cfg.logging.peak_tflops,
-        resume=cfg.resume,
-    )
-    try:
-        result = train(stage, settings, env, run_dir, engine=engine, optimizer=optimizer, logger=logger, print_fn=print_fn)
-    finally:
-        if logger is not None:
-            logger.close()
-    if dist.is_initialized():
-        dist.barrier()
-    return result
-
-
-def write_run_files(cfg: PretrainConfig, run_dir: Path) -> None:
-    """(Rank 0) the resolved config and a copy of the tokenizer, so the run dir is self-contained."""
-    from omegaconf import OmegaConf
-
-    from tanuki.hf import copy_tokenizer_files
-
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / ".config.yaml.tmp"
-    tmp.write_text(OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg))))
-    tmp.replace(run_dir / "config.yaml")
-    if cfg.tokenizer.path and not (run_dir / "tokenizer").is_dir():
-        import shutil
-        import tempfile
-
-        tmp_tok = Path(tempfile.mkdtemp(prefix=".tokenizer.", dir=run_dir))
-        try:
-            copy_tokenizer_files(cfg.tokenizer.path, tmp_tok)
-            tmp_tok.replace(run_dir / "tokenizer")
-        except BaseException:
-            shutil.rmtree(tmp_tok, ignore_errors=True)
-            raise
+    return train_and_close(stage, RunSettings.from_config(cfg), env, run_dir, engine=engine, optimizer=optimizer,
+                           logger=logger, print_fn=print_fn)
 
 
 def export_checkpoint(checkpoint: str | Path, output: str | Path, *, dtype: str = "bfloat16",

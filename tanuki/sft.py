@@ -193,26 +193,8 @@ def export_sft(checkpoint: Path, cfg: SFTConfig, out_dir: Path, tokenizer_dir: s
     return written
 
 
-def _copy_tokenizer(src: str, dst: Path) -> None:
-    import shutil
-    import tempfile
-
-    from tanuki.hf import copy_tokenizer_files
-
-    if dst.is_dir():
-        return
-    tmp = Path(tempfile.mkdtemp(prefix=".tokenizer.", dir=dst.parent))
-    try:
-        copy_tokenizer_files(src, tmp)
-        tmp.replace(dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def run(prep: PreparedSFT, env: DistEnv, run_dir: Path, print_fn: Callable[[str], None] = print):
     """Fine-tune inside an initialised process group; returns the TrainResult."""
-    import torch.distributed as dist
     from transformers import PreTrainedTokenizerFast
 
     from tanuki.data.sft import SFTDataLoader, build_sft_datasets
@@ -222,7 +204,7 @@ def run(prep: PreparedSFT, env: DistEnv, run_dir: Path, print_fn: Callable[[str]
     from tanuki.parallel.groups import build_process_groups
     from tanuki.parallel.zero import build_engine
     from tanuki.pretrain import precision_is_bf16
-    from tanuki.train import RunSettings, Stage, train
+    from tanuki.train import RunSettings, Stage, train_and_close, write_run_files
 
     cfg, tc = prep.cfg, prep.cfg.train
     groups = build_process_groups(cfg.parallel.tp)
@@ -261,11 +243,7 @@ def run(prep: PreparedSFT, env: DistEnv, run_dir: Path, print_fn: Callable[[str]
     config = {**to_dict(cfg), "model": to_dict(prep.model)}
     logger = None
     if env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        from omegaconf import OmegaConf
-
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(config)))
-        _copy_tokenizer(prep.tokenizer_dir, run_dir / "tokenizer")
+        write_run_files(config, prep.tokenizer_dir, run_dir)
         logger = MetricsLogger(run_dir, wandb=cfg.logging.wandb, config=config, print_fn=print_fn)
         print_fn(
             f"SFT ({cfg.method}, template {cfg.template}) of {cfg.init}: {trainable:,} trainable parameters"
@@ -302,23 +280,8 @@ def run(prep: PreparedSFT, env: DistEnv, run_dir: Path, print_fn: Callable[[str]
         loss_tokens=loader.global_loss_tokens,
         on_step_start=lisa.on_step_start if lisa is not None else None,
     )
-    settings = RunSettings(
-        train=tc,
-        parallel=cfg.parallel,
-        checkpoint_every=cfg.checkpoint.every,
-        keep_last=cfg.checkpoint.keep_last,
-        log_every=cfg.logging.every,
-        peak_tflops=cfg.logging.peak_tflops,
-        resume=cfg.resume,
-    )
-    try:
-        result = train(stage, settings, env, run_dir, engine=engine, optimizer=optimizer, logger=logger, print_fn=print_fn)
-    finally:
-        if logger is not None:
-            logger.close()
-    if dist.is_initialized():
-        dist.barrier()
-    return result
+    return train_and_close(stage, RunSettings.from_config(cfg), env, run_dir, engine=engine, optimizer=optimizer,
+                           logger=logger, print_fn=print_fn)
 
 
 def main(cfg: SFTConfig, env: DistEnv) -> int:

@@ -113,6 +113,13 @@ class RunSettings:
     peak_tflops: float
     resume: str
 
+    @classmethod
+    def from_config(cls, cfg) -> "RunSettings":
+        """From a stage config with ``train``, ``parallel``, ``checkpoint``, ``logging`` and ``resume``."""
+        return cls(train=cfg.train, parallel=cfg.parallel, checkpoint_every=cfg.checkpoint.every,
+                   keep_last=cfg.checkpoint.keep_last, log_every=cfg.logging.every,
+                   peak_tflops=cfg.logging.peak_tflops, resume=cfg.resume)
+
 
 @dataclass
 class TrainResult:
@@ -449,3 +456,38 @@ def train(
         stage.on_finish(last_ckpt)
     _barrier()
     return TrainResult(step, skipped_total, last_ckpt, history)
+
+
+def train_and_close(stage: Stage, run: RunSettings, env: DistEnv, run_dir: Path, *, engine, optimizer,
+                    logger: MetricsLogger | None, print_fn: Callable[[str], None] = print) -> TrainResult:
+    """:func:`train`, then close the logger (W&B flushes) and wait for every rank."""
+    try:
+        result = train(stage, run, env, run_dir, engine=engine, optimizer=optimizer, logger=logger, print_fn=print_fn)
+    finally:
+        if logger is not None:
+            logger.close()
+    _barrier()
+    return result
+
+
+def write_run_files(config: dict, tokenizer_dir: str | None, run_dir: Path) -> None:
+    """(Rank 0) the resolved config and a copy of the tokenizer, so the run dir is self-contained."""
+    import shutil
+    import tempfile
+
+    from omegaconf import OmegaConf
+
+    from tanuki.hf import copy_tokenizer_files
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / ".config.yaml.tmp"
+    tmp.write_text(OmegaConf.to_yaml(OmegaConf.create(config)))
+    tmp.replace(run_dir / "config.yaml")
+    if tokenizer_dir and not (run_dir / "tokenizer").is_dir():
+        tmp_tok = Path(tempfile.mkdtemp(prefix=".tokenizer.", dir=run_dir))
+        try:
+            copy_tokenizer_files(tokenizer_dir, tmp_tok)
+            tmp_tok.replace(run_dir / "tokenizer")
+        except BaseException:
+            shutil.rmtree(tmp_tok, ignore_errors=True)
+            raise

@@ -266,7 +266,7 @@ def test_tensor_parallel_models_and_double_application_are_refused(base):
 
     model = base_model(base)
     model.tp_groups = SimpleNamespace(tp=2)
-    with pytest.raises(NotImplementedError, match=r"tensor parallelism \(tp=2\) is not supported"):
+    with pytest.raises(ValueError, match=r"tensor parallelism \(tp=2\) is not supported"):
         apply_lora(model, LoraConfig())
     model.tp_groups = SimpleNamespace(tp=1)
     apply_lora(model, LoraConfig())
