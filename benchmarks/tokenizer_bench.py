@@ -36,9 +36,17 @@ import tempfile
 import time
 from pathlib import Path
 
+import sentencepiece as spm
+
+from tanuki.config import from_dict
+from tanuki.textio import iter_documents
+from tanuki.tokenizer import FastEncoder
+from tanuki.tokenizer.build import trainer_options
+from tanuki.tokenizer.config import BuildTokenizerConfig
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
-MAKE_CORPUS = REPO / "tanuki" / "sample_data" / "make_corpus.py"
+MAKE_CORPUS = REPO / "scripts" / "sample_data" / "make_corpus.py"
 
 # Runs in a fresh interpreter that imports nothing but sentencepiece: the baseline.
 SPM_CHILD = """
@@ -76,12 +84,8 @@ def write_lines(corpus: Path, path: Path) -> int:
 
 def spm_options(vocab_size: int, threads: int) -> dict:
     """The builder's exact SentencePiece options for this run."""
-    from tanuki.config import from_dict
-    from tanuki.tokenizer.build import _trainer_options
-    from tanuki.tokenizer.config import BuildTokenizerConfig
-
     cfg = from_dict(BuildTokenizerConfig, {"input": "x", "output": "x", "vocab_size": vocab_size, "threads": threads})
-    opts = _trainer_options(cfg, large=False)
+    opts = trainer_options(cfg, large=False)
     opts["minloglevel"] = 1
     return opts
 
@@ -172,11 +176,6 @@ def bench_encoding(corpus: Path, tok_dir: Path) -> dict:
 
 
 def bench_compression(heldout: Path, work: Path) -> dict:
-    import sentencepiece as spm
-
-    from tanuki.textio import iter_documents
-    from tanuki.tokenizer import FastEncoder
-
     docs = list(iter_documents(heldout, lang_key="lang"))
     encoders = {
         "tanuki": FastEncoder(work / "tanuki").encode_batch,
@@ -197,7 +196,7 @@ def markdown(res: dict) -> str:
         "# Tokenizer builder benchmark",
         "",
         f"`{('python benchmarks/tokenizer_bench.py ' + res['args']).strip()}` on {res['machine']}.",
-        f"Corpus: {res['corpus_mb']} MB of generated JSONL (`tanuki/sample_data/make_corpus.py --seed 1`), "
+        f"Corpus: {res['corpus_mb']} MB of generated JSONL (`scripts/sample_data/make_corpus.py --seed 1`), "
         f"{b['training_lines']:,} training lines; vocab_size {res['vocab_size']:,}; SentencePiece training threads: {res['threads']}. "
         f"{res['repeats']} alternating runs of each build, each a fresh process.",
         "",

@@ -52,7 +52,7 @@ def _count_step(rank: int, world: int, port: int, sp: bool, out: str) -> None:
     from tanuki.model import build_model
     from tanuki.parallel import comm
     from tanuki.parallel.groups import build_process_groups
-    from tanuki.parallel.tensor_parallel import apply_tensor_parallel
+    from tanuki.parallel.tensor_parallel import apply_tensor_parallel, vocab_parallel_slice
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -86,7 +86,7 @@ def _count_step(rank: int, world: int, port: int, sp: bool, out: str) -> None:
     for name in real:
         setattr(dist, name, counting(name))
     comm._reduce_scatter = logical_reduce_scatter
-    loss = causal_lm_loss(model(tokens[:, :-1]), tokens[:, 1:], vocab_parallel=model.vocab_parallel)
+    loss = causal_lm_loss(model(tokens[:, :-1]), tokens[:, 1:], vocab_parallel=vocab_parallel_slice(model, groups))
     loss.loss.backward()
     for name in real:
         setattr(dist, name, real[name])

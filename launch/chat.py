@@ -45,7 +45,9 @@ def read_lines():
     if not sys.stdin.isatty():
         yield from iter(sys.stdin.readline, "")
         return
-    import readline  # noqa: F401  (line editing and history for input())
+    # Imported only at a terminal: importing readline gives input() line editing and history, and may
+    # write terminal control codes to stdout.
+    import readline  # noqa: F401
 
     while True:
         try:

@@ -20,22 +20,17 @@ sys.argv = strip_local_rank(sys.argv)
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
+from tanuki import dpo  # noqa: E402
 from tanuki.checkpoint import CheckpointError  # noqa: E402
 from tanuki.cli import user_errors  # noqa: E402
 from tanuki.config import from_dict  # noqa: E402
+from tanuki.data.records import SFTDataError  # noqa: E402
 
 
 @hydra.main(config_path="../conf", config_name="dpo", version_base=None)
-@user_errors(FileNotFoundError, CheckpointError)
+@user_errors(FileNotFoundError, CheckpointError, SFTDataError)
 def main(dcfg: DictConfig) -> None:
-    from tanuki import dpo
-    from tanuki.data.sft import SFTDataError
-
-    try:
-        dpo.main(from_dict(dpo.DPOConfig, dcfg), dist_env())
-    except SFTDataError as e:  # preference data errors derive from it and name file:line
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    dpo.main(from_dict(dpo.DPOConfig, dcfg), dist_env())
 
 
 if __name__ == "__main__":

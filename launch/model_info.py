@@ -12,6 +12,7 @@ The plan assumes bf16 mixed precision with AdamW and the ZeRO stage of ``paralle
 """
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from tanuki.cli import user_errors
@@ -23,8 +24,6 @@ from tanuki.info import format_report, model_report
 @user_errors()
 def main(dcfg: DictConfig) -> None:
     cfg = from_dict(ModelInfoConfig, dcfg)
-    from hydra.core.hydra_config import HydraConfig
-
     size = HydraConfig.get().runtime.choices.get("size", "tiny (default)")
     print(format_report(str(size), model_report(cfg)))
 

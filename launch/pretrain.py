@@ -28,6 +28,7 @@ sys.argv = strip_local_rank(sys.argv)
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
+from tanuki import pretrain  # noqa: E402
 from tanuki.checkpoint import CheckpointError  # noqa: E402
 from tanuki.cli import user_errors  # noqa: E402
 from tanuki.config import PretrainConfig, from_dict  # noqa: E402
@@ -36,8 +37,6 @@ from tanuki.config import PretrainConfig, from_dict  # noqa: E402
 @hydra.main(config_path="../conf", config_name="pretrain", version_base=None)
 @user_errors(FileNotFoundError, CheckpointError)
 def main(dcfg: DictConfig) -> None:
-    from tanuki import pretrain
-
     pretrain.main(from_dict(PretrainConfig, dcfg), dist_env())
 
 

@@ -22,22 +22,17 @@ sys.argv = strip_local_rank(sys.argv)
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
+from tanuki import sft  # noqa: E402
 from tanuki.checkpoint import CheckpointError  # noqa: E402
 from tanuki.cli import user_errors  # noqa: E402
 from tanuki.config import from_dict  # noqa: E402
+from tanuki.data.records import SFTDataError  # noqa: E402
 
 
 @hydra.main(config_path="../conf", config_name="sft", version_base=None)
-@user_errors(FileNotFoundError, CheckpointError)
+@user_errors(FileNotFoundError, CheckpointError, SFTDataError)
 def main(dcfg: DictConfig) -> None:
-    from tanuki import sft
-    from tanuki.data.sft import SFTDataError
-
-    try:
-        sft.main(from_dict(sft.SFTConfig, dcfg), dist_env())
-    except SFTDataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    sft.main(from_dict(sft.SFTConfig, dcfg), dist_env())
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import json
 
 import hydra
 from omegaconf import DictConfig
+from tqdm import tqdm
 
 from tanuki.cli import user_errors
 from tanuki.config import from_dict
@@ -26,8 +27,6 @@ from tanuki.tokenizer.config import check_required
 @hydra.main(config_path="../conf", config_name="tokenizer_report", version_base=None)
 @user_errors(CorpusError, FileNotFoundError, ValueError)
 def main(dcfg: DictConfig) -> None:
-    from tqdm import tqdm
-
     check_required(dcfg, ("tokenizer", "input"))
     cfg = from_dict(TokenizerReportConfig, dcfg)
     docs = iter_documents(cfg.inputs, text_key=cfg.text_key, txt_mode=cfg.txt_mode, on_error=cfg.on_error,

@@ -33,7 +33,10 @@ from typing import Callable, Iterator, Literal, Optional, Sequence
 
 import torch
 
+import tanuki.generate  # generate() is looked up when called: tests spy on it
 from tanuki.config import ConfigError
+from tanuki.hf import import_hf, read_hf_config
+from tanuki.tokenizer import load
 from tanuki.tokenizer.templates import TEMPLATES, ChatTemplate, get_template
 
 #: what an incomplete UTF-8 sequence decodes to
@@ -268,9 +271,6 @@ class ChatSession:
     @classmethod
     def from_config(cls, cfg: ChatConfig) -> "ChatSession":
         """Load the model directory of ``cfg`` (tokenizer and template checked before the weights)."""
-        from tanuki.hf import import_hf, read_hf_config
-        from tanuki.tokenizer import load
-
         if not Path(cfg.model).exists():
             raise FileNotFoundError(f"model={cfg.model}: no such directory (expected a Hugging Face model directory)")
         read_hf_config(cfg.model)  # HFFormatError for a file, or a directory without config.json
@@ -312,8 +312,6 @@ class ChatSession:
         ``on_text`` receives the reply in pieces as it is generated (never half a character); the
         pieces concatenate to the returned text.
         """
-        from tanuki.generate import generate
-
         prompt = self.prompt_ids(user_text)
         limit = self.model.cfg.max_seq_len
         if len(prompt) >= limit:
@@ -328,7 +326,7 @@ class ChatSession:
             if piece and on_text is not None:
                 on_text(piece)
 
-        generate(
+        tanuki.generate.generate(
             self.model,
             prompt,
             max_new_tokens=self.max_new_tokens,

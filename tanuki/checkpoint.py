@@ -11,12 +11,16 @@ import io
 import json
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
 import torch
 
-from tanuki.config import ModelConfig, from_dict, to_dict
+from tanuki.config import ConfigError, ModelConfig, ParallelConfig, from_dict, to_dict
+from tanuki.parallel.env import DistEnv, barrier
+from tanuki.parallel.reshard import check_reshardable, needs_reshard
+from tanuki.parallel.tensor_parallel import merge_state_dicts
 
 MODEL_CONFIG_KEY = "tanuki.model_config"
 
@@ -41,17 +45,12 @@ def save_model_file(state_dict: Mapping[str, torch.Tensor], cfg: ModelConfig, pa
 
 def load_model_file(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """Read a file written by :func:`save_model_file`: its model config and state dict."""
-    from safetensors import SafetensorError, safe_open
+    from tanuki.fileio import read_safetensors
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such model file")
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            meta = fh.metadata() or {}
-            sd = {k: fh.get_tensor(k) for k in fh.keys()}
-    except SafetensorError as e:
-        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+    meta, sd = read_safetensors(path, ValueError)
     if MODEL_CONFIG_KEY not in meta:
         raise ValueError(f"{path}: safetensors file without '{MODEL_CONFIG_KEY}' metadata (not written by tanuki)")
     cfg = from_dict(ModelConfig, json.loads(meta[MODEL_CONFIG_KEY]), prefix="model")
@@ -208,8 +207,6 @@ def check_compatible(saved: Mapping, current: Mapping, checkpoint_dir: Path, key
 
     ``saved``/``current`` are plain config dicts; ``keys`` are top-level sections or dotted keys.
     """
-    from tanuki.config import ConfigError
-
     def flat(d, prefix=""):
         for k, v in d.items():
             key = f"{prefix}.{k}" if prefix else k
@@ -255,6 +252,7 @@ def _consolidate_tp_rank(checkpoint: Path, zero_stage: int, tp_rank: int) -> dic
     if zero_stage == 0:
         module = torch.load(checkpoint / f"{mp}_model_states.pt", map_location="cpu", weights_only=False)["module"]
         return {k: v.float() for k, v in module.items()}
+    # deepspeed takes seconds to import; stage 0 checkpoints and the rest of this module do not need it.
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     # DeepSpeed's consolidation reads every *_model_states.pt / *_optim_states.pt of a directory and
@@ -276,8 +274,6 @@ def consolidate_checkpoint(checkpoint_dir: str | os.PathLike) -> tuple[ModelConf
     Stage 0 stores the whole module in ``mp_rank_XX_model_states.pt``. Under tensor parallelism each TP
     rank's shards are consolidated separately and then merged along the dimensions of the TP plan.
     """
-    from tanuki.parallel.tensor_parallel import merge_state_dicts
-
     p = Path(checkpoint_dir)
     state = read_state(p)
     cfg = from_dict(ModelConfig, state["config"]["model"], prefix="model")
@@ -285,3 +281,73 @@ def consolidate_checkpoint(checkpoint_dir: str | os.PathLike) -> tuple[ModelConf
     shards = [_consolidate_tp_rank(p, state["zero_stage"], r) for r in range(tp)]
     sd = merge_state_dicts(shards) if tp > 1 else shards[0]
     return cfg, {k: v for k, v in sd.items() if not k.endswith("inv_freq")}
+
+
+# --------------------------------------------------------------------------------------------------
+# Saving and resuming a training run (called by tanuki.train and the stages)
+# --------------------------------------------------------------------------------------------------
+
+
+def save_checkpoint(engine, root: Path, step: int, state: dict, env: DistEnv, keep_last: int) -> Path:
+    """Write a complete checkpoint of ``step`` (all ranks call this): DeepSpeed's shards and every rank's
+    RNG state into ``step_N.partial``, then, after a barrier, rank 0 writes the state file and renames it."""
+    if env.is_main:
+        begin_checkpoint(root, step)
+    barrier()
+    tag = step_tag(step) + PARTIAL_SUFFIX
+    engine.save_checkpoint(str(root), tag=tag, save_latest=False)
+    torch.save(rng_state(), root / tag / rng_file(env.rank))
+    barrier()  # every rank's shards are on disk before the checkpoint becomes visible
+    path = root / step_tag(step)
+    if env.is_main:
+        commit_checkpoint(root, step, state, keep_last)
+    barrier()
+    return path
+
+
+def find_resume_checkpoint(resume: str, root: Path) -> Path | None:
+    """The checkpoint to continue from for ``resume`` = auto | never | a path."""
+    if resume == "never":
+        if latest_checkpoint(root) is not None:
+            raise ConfigError("resume", f"resume=never but {root} already holds checkpoints; use a new run.dir")
+        return None
+    if resume == "auto":
+        return latest_checkpoint(root)
+    try:
+        return resolve_checkpoint(resume)
+    except (FileNotFoundError, CheckpointError) as e:
+        raise ConfigError("resume", str(e)) from None
+
+
+def check_resumable(checkpoint: Path, config: dict, resume_keys: tuple[str, ...], env: DistEnv,
+                    parallel: ParallelConfig) -> dict:
+    """The checkpoint's state, after checking it was written by a compatible run (before loading).
+
+    A checkpoint written on another shape (TP size, number of ranks) is accepted when
+    :mod:`tanuki.parallel.reshard` can reshard it on load; otherwise a ConfigError names the key."""
+    state = read_state(checkpoint)
+    check_compatible(state["config"], config, checkpoint, resume_keys)
+    check_reshardable(checkpoint, state, tp=parallel.tp, world_size=env.world_size)
+    return state
+
+
+@dataclass(frozen=True)
+class ResumePlan:
+    """Where a run continues from, checked once before anything is built."""
+
+    checkpoint: Path
+    #: its tanuki state (step, loader position, config, shape)
+    state: dict
+    #: written on another TP/DP shape: the engine must load DeepSpeed's universal form of it
+    universal: bool
+
+
+def plan_resume(resume: str, run_dir: Path, config: dict, resume_keys: tuple[str, ...], env: DistEnv,
+                parallel: ParallelConfig) -> ResumePlan | None:
+    """The checkpoint to resume from (``resume`` = auto | never | a path) after checking it fits this
+    run's config and shape; None to start fresh."""
+    checkpoint = find_resume_checkpoint(resume, run_dir / "checkpoints")
+    if checkpoint is None:
+        return None
+    state = check_resumable(checkpoint, config, resume_keys, env, parallel)
+    return ResumePlan(checkpoint, state, needs_reshard(state, tp=parallel.tp, world_size=env.world_size))

@@ -176,7 +176,8 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
-def _require(cond: bool, key: str, message: str) -> None:
+def require(cond: bool, key: str, message: str) -> None:
+    """Raise :class:`ConfigError` naming ``key`` unless ``cond`` holds."""
     if not cond:
         raise ConfigError(key, message)
 
@@ -222,38 +223,38 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         for name in ("n_layers", "dim", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "max_seq_len"):
-            _require(getattr(self, name) > 0, f"model.{name}", f"must be positive, got {getattr(self, name)}")
-        _require(
+            require(getattr(self, name) > 0, f"model.{name}", f"must be positive, got {getattr(self, name)}")
+        require(
             self.n_experts == 0 or self.n_experts >= 2,
             "model.n_experts",
             f"must be 0 (dense) or at least 2, got {self.n_experts}",
         )
         if self.n_experts:
-            _require(
+            require(
                 1 <= self.top_k <= self.n_experts,
                 "model.top_k",
                 f"must be between 1 and model.n_experts ({self.n_experts}), got {self.top_k}",
             )
         for name in ("router_aux_loss_coef", "router_z_loss_coef"):
             value = getattr(self, name)
-            _require(value >= 0 and math.isfinite(value), f"model.{name}", f"must be >= 0, got {value}")
-        _require(
+            require(value >= 0 and math.isfinite(value), f"model.{name}", f"must be >= 0, got {value}")
+        require(
             self.n_heads % self.n_kv_heads == 0,
             "model.n_kv_heads",
             f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.n_kv_heads})",
         )
         if self.head_dim is None:
-            _require(
+            require(
                 self.dim % self.n_heads == 0,
                 "model.n_heads",
                 f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads}), or set model.head_dim",
             )
         else:
-            _require(self.head_dim > 0, "model.head_dim", "must be positive")
-        _require(self.attn_head_dim % 2 == 0, "model.head_dim", f"must be even for rotary, got {self.attn_head_dim}")
-        _require(self.rope_theta > 0, "model.rope_theta", "must be positive")
-        _require(0 < self.norm_eps < 1, "model.norm_eps", f"must be in (0, 1), got {self.norm_eps}")
-        _require(self.init_std > 0 and math.isfinite(self.init_std), "model.init_std", "must be positive")
+            require(self.head_dim > 0, "model.head_dim", "must be positive")
+        require(self.attn_head_dim % 2 == 0, "model.head_dim", f"must be even for rotary, got {self.attn_head_dim}")
+        require(self.rope_theta > 0, "model.rope_theta", "must be positive")
+        require(0 < self.norm_eps < 1, "model.norm_eps", f"must be in (0, 1), got {self.norm_eps}")
+        require(self.init_std > 0 and math.isfinite(self.init_std), "model.init_std", "must be positive")
 
     @property
     def attn_head_dim(self) -> int:
@@ -314,27 +315,27 @@ class TrainConfig:
     max_skipped_steps: int = 5
 
     def __post_init__(self) -> None:
-        _require(self.seq_len > 0, "train.seq_len", "must be positive")
-        _require(self.micro_batch_size > 0, "train.micro_batch_size", "must be positive")
-        _require(self.global_batch_size > 0, "train.global_batch_size", "must be positive")
-        _require(
+        require(self.seq_len > 0, "train.seq_len", "must be positive")
+        require(self.micro_batch_size > 0, "train.micro_batch_size", "must be positive")
+        require(self.global_batch_size > 0, "train.global_batch_size", "must be positive")
+        require(
             self.global_batch_size % self.micro_batch_size == 0,
             "train.global_batch_size",
             f"{self.global_batch_size} is not divisible by train.micro_batch_size ({self.micro_batch_size})",
         )
-        _require(self.max_steps > 0 or self.max_tokens > 0, "train.max_steps", "must be positive (or set train.max_tokens)")
-        _require(self.max_tokens >= 0, "train.max_tokens", "must be >= 0")
-        _require(self.lr > 0, "train.lr", "must be positive")
-        _require(0 <= self.min_lr <= self.lr, "train.min_lr", f"must be in [0, train.lr={self.lr}]")
-        _require(self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
-        _require(0 < self.decay_fraction <= 1, "train.decay_fraction", "must be in (0, 1]")
-        _require(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
-        _require(all(0 <= b < 1 for b in self.betas), "train.betas", "each beta must be in [0, 1)")
-        _require(self.grad_clip >= 0, "train.grad_clip", "must be >= 0")
-        _require(self.z_loss >= 0, "train.z_loss", "must be >= 0")
-        _require(self.eval_every >= 0, "train.eval_every", "must be >= 0")
-        _require(self.eval_iters >= 0, "train.eval_iters", "must be >= 0")
-        _require(self.max_skipped_steps >= 1, "train.max_skipped_steps", "must be >= 1")
+        require(self.max_steps > 0 or self.max_tokens > 0, "train.max_steps", "must be positive (or set train.max_tokens)")
+        require(self.max_tokens >= 0, "train.max_tokens", "must be >= 0")
+        require(self.lr > 0, "train.lr", "must be positive")
+        require(0 <= self.min_lr <= self.lr, "train.min_lr", f"must be in [0, train.lr={self.lr}]")
+        require(self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
+        require(0 < self.decay_fraction <= 1, "train.decay_fraction", "must be in (0, 1]")
+        require(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+        require(all(0 <= b < 1 for b in self.betas), "train.betas", "each beta must be in [0, 1)")
+        require(self.grad_clip >= 0, "train.grad_clip", "must be >= 0")
+        require(self.z_loss >= 0, "train.z_loss", "must be >= 0")
+        require(self.eval_every >= 0, "train.eval_every", "must be >= 0")
+        require(self.eval_iters >= 0, "train.eval_iters", "must be >= 0")
+        require(self.max_skipped_steps >= 1, "train.max_skipped_steps", "must be >= 1")
 
     def total_steps(self) -> int:
         """Optimizer steps of the run: ``max_steps``, or ``max_tokens`` rounded up to whole steps."""
@@ -352,8 +353,8 @@ class ParallelConfig:
     zero_stage: Literal[0, 1, 2, 3] = 3
 
     def __post_init__(self) -> None:
-        _require(self.tp >= 1, "parallel.tp", "must be >= 1")
-        _require(not self.sp or self.tp > 1, "parallel.sp", "sequence parallelism needs parallel.tp > 1")
+        require(self.tp >= 1, "parallel.tp", "must be >= 1")
+        require(not self.sp or self.tp > 1, "parallel.sp", "sequence parallelism needs parallel.tp > 1")
 
 
 @dataclass(frozen=True)
@@ -370,23 +371,23 @@ class PlanConfig:
     train_tokens: float = 0.0
 
     def __post_init__(self) -> None:
-        _require(self.gpus >= 1, "plan.gpus", "must be >= 1")
-        _require(self.gpu_memory_gib > 0, "plan.gpu_memory_gib", "must be positive")
-        _require(0 < self.mfu <= 1, "plan.mfu", "must be in (0, 1]")
+        require(self.gpus >= 1, "plan.gpus", "must be >= 1")
+        require(self.gpu_memory_gib > 0, "plan.gpu_memory_gib", "must be positive")
+        require(0 < self.mfu <= 1, "plan.mfu", "must be in (0, 1]")
 
 
 def _check_model_parallel(model: ModelConfig, parallel: ParallelConfig) -> None:
     tp = parallel.tp
     if tp == 1:
         return
-    _require(
+    require(
         model.n_experts == 0,
         "parallel.tp",
         "tensor parallelism of MoE layers is not supported: use parallel.tp=1 (ZeRO shards the experts)",
     )
     for name, value in (("n_heads", model.n_heads), ("n_kv_heads", model.n_kv_heads), ("ffn_dim", model.ffn_dim)):
-        _require(value % tp == 0, "parallel.tp", f"tp={tp} must divide model.{name} ({value})")
-    _require(
+        require(value % tp == 0, "parallel.tp", f"tp={tp} must divide model.{name} ({value})")
+    require(
         model.vocab_size % tp == 0,
         "parallel.tp",
         f"tp={tp} must divide the padded vocabulary model.vocab_size ({model.vocab_size})",
@@ -419,8 +420,8 @@ class CheckpointConfig:
     keep_last: int = 2
 
     def __post_init__(self) -> None:
-        _require(self.every >= 1, "checkpoint.every", "must be >= 1")
-        _require(self.keep_last >= 0, "checkpoint.keep_last", "must be >= 0")
+        require(self.every >= 1, "checkpoint.every", "must be >= 1")
+        require(self.keep_last >= 0, "checkpoint.keep_last", "must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -446,8 +447,8 @@ class LoggingConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
     def __post_init__(self) -> None:
-        _require(self.every >= 1, "logging.every", "must be >= 1")
-        _require(self.peak_tflops > 0, "logging.peak_tflops", "must be positive")
+        require(self.every >= 1, "logging.every", "must be >= 1")
+        require(self.peak_tflops > 0, "logging.peak_tflops", "must be positive")
 
 
 @dataclass(frozen=True)
@@ -460,39 +461,47 @@ class ExportConfig:
     dir: Optional[str] = None
 
 
+@dataclass(frozen=True, kw_only=True)
+class StageConfig:
+    """The sections every training stage has (pretraining, SFT, DPO): what the shared loop and the
+    stage plumbing (:mod:`tanuki.stage`) read. A stage config adds its own model, data and export
+    sections; ``train`` defaults are the stage's own (fine-tuning uses other learning rates)."""
+
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    #: auto = continue from the latest complete checkpoint of run.dir if there is one; never = start
+    #: fresh (fails if run.dir already has checkpoints); or a checkpoint directory to start from
+    resume: str = "auto"
+    seed: int = 1234
+
+
 # The data config lives with the data pipeline; imported here, after ConfigError exists, because
 # tanuki.data.config imports it from this module.
 from tanuki.data.config import DataConfig  # noqa: E402
 
 
 @dataclass(frozen=True)
-class PretrainConfig:
+class PretrainConfig(StageConfig):
     """``conf/pretrain.yaml``."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerRef = field(default_factory=TokenizerRef)
-    run: RunConfig = field(default_factory=RunConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
-    #: a Hugging Face Llama directory to continue pretraining from (its config replaces ``model``)
+    #: a Hugging Face directory to continue pretraining from (its config replaces ``model``)
     init: Optional[str] = None
-    #: auto = continue from the latest complete checkpoint of run.dir if there is one; never = start
-    #: fresh (fails if run.dir already has checkpoints); or a checkpoint directory to start from
-    resume: str = "auto"
-    seed: int = 1234
 
     def __post_init__(self) -> None:
         _check_model_parallel(self.model, self.parallel)
-        _require(
+        require(
             self.train.seq_len <= self.model.max_seq_len,
             "train.seq_len",
             f"{self.train.seq_len} exceeds the model's context model.max_seq_len ({self.model.max_seq_len})",
         )
-        _require(
+        require(
             not self.parallel.sp or self.train.seq_len % self.parallel.tp == 0,
             "parallel.sp",
             f"sequence parallelism splits train.seq_len={self.train.seq_len} over tp={self.parallel.tp} ranks: "

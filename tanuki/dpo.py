@@ -18,30 +18,32 @@ Both give the same training run (tested).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import sys
+import itertools
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
 import torch
+import torch.distributed as dist
+from transformers import PreTrainedTokenizerFast
 
-from tanuki.config import (
-    CheckpointConfig,
-    ConfigError,
-    LoggingConfig,
-    ModelConfig,
-    ParallelConfig,
-    RunConfig,
-    TrainConfig,
-    to_dict,
-)
-from tanuki.data.preference import PreferenceDataConfig
-from tanuki.lora import LoraConfig
+from tanuki import stage as plumbing
+from tanuki.build import build_frozen_engine, build_training_model
+from tanuki.checkpoint import plan_resume
+from tanuki.config import ConfigError, ModelConfig, StageConfig, TrainConfig, to_dict
+from tanuki.data.preference import PreferenceDataConfig, PreferenceDataLoader, build_preference_datasets
+from tanuki.hf import import_hf
+from tanuki.info import flops_per_token
+from tanuki.lora import LoraConfig, adapters_disabled, count_trainable_parameters
+from tanuki.losses import chosen_nll, dpo_loss, dpo_metrics, sequence_logps
 from tanuki.parallel.env import DistEnv
-from tanuki.sft import SFTExportConfig
+from tanuki.parallel.zero import build_engine
+from tanuki.sft import SFTExportConfig, export_hook, fine_tuning_train_config
+from tanuki.tokenizer.templates import TEMPLATES, get_template
+from tanuki.train import Stage, StepOutput, train_and_close
 
 RESUME_KEYS = ("init", "method", "lora", "template", "loss", "reference", "parallel.tp", "parallel.zero_stage")
 REFERENCE_FILE = "reference_logps.pt"
@@ -57,7 +59,8 @@ class LossConfig:
     beta: float = 0.1
     #: conservative DPO / robust DPO noise rate (sigmoid and robust only)
     label_smoothing: float = 0.0
-    #: weight of an SFT term (mean NLL per chosen token) added to the loss (RPO); 0 = off
+    #: weight of an SFT term added to the loss (RPO): the mean NLL per chosen token of each micro-batch,
+    #: as TRL computes it; 0 = off
     rpo_alpha: float = 0.0
 
     def __post_init__(self) -> None:
@@ -72,7 +75,7 @@ class LossConfig:
 
 
 @dataclass(frozen=True)
-class DPOConfig:
+class DPOConfig(StageConfig):
     """``conf/dpo.yaml``."""
 
     #: the model to optimise (usually an SFT export); also the reference
@@ -85,21 +88,13 @@ class DPOConfig:
     reference: Literal["model", "precompute"] = "model"
     method: Literal["full", "lora"] = "full"
     lora: LoraConfig = field(default_factory=LoraConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=lambda: fine_tuning_train_config(5e-7, 5e-8), kw_only=True)
     tokenizer: Optional[str] = None
     kernels: Literal["auto", "triton", "torch"] = "auto"
-    run: RunConfig = field(default_factory=RunConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
     export: SFTExportConfig = field(default_factory=SFTExportConfig)
-    resume: str = "auto"
-    seed: int = 1234
 
     def __post_init__(self) -> None:
         if self.template is not None:
-            from tanuki.tokenizer.templates import get_template
-
             get_template(self.template)
         if self.method == "lora" and self.parallel.tp > 1:
             raise ConfigError("method", "LoRA with tensor parallelism (parallel.tp > 1) is not supported; use tp=1")
@@ -115,12 +110,8 @@ class PreparedDPO:
 
 def resolve_template(cfg: DPOConfig, tokenizer_dir: str) -> str:
     """``template``, else the tanuki template whose Jinja is the tokenizer's chat template."""
-    from tanuki.tokenizer.templates import TEMPLATES
-
     if cfg.template is not None:
         return cfg.template
-    import json
-
     config = json.loads((Path(tokenizer_dir) / "tokenizer_config.json").read_text(encoding="utf-8"))
     jinja = config.get("chat_template")
     jinja_file = Path(tokenizer_dir) / "chat_template.jinja"
@@ -135,34 +126,17 @@ def resolve_template(cfg: DPOConfig, tokenizer_dir: str) -> str:
 
 def prepare(cfg: DPOConfig, env: DistEnv) -> PreparedDPO:
     """Checks needing files or the world size (before any process group)."""
-    from tanuki.hf import HFFormatError, model_config_from_hf, read_hf_config
-    from tanuki.parallel.zero import grad_accumulation_steps
-
-    try:
-        model = model_config_from_hf(read_hf_config(cfg.init), source=f"{cfg.init}/config.json")
-    except (FileNotFoundError, HFFormatError) as e:
-        raise ConfigError("init", str(e)) from None
-    model = dataclasses.replace(model, kernels=cfg.kernels)
-    if cfg.train.seq_len > model.max_seq_len:
-        raise ConfigError("train.seq_len", f"{cfg.train.seq_len} exceeds the context of {cfg.init} ({model.max_seq_len})")
+    model = plumbing.model_config_from_init(cfg.init, cfg.kernels)
+    plumbing.check_context(cfg.train.seq_len, model, cfg.init)
     tok = cfg.tokenizer or cfg.init
-    if not (Path(tok) / "tokenizer.json").is_file():
-        raise ConfigError("tokenizer", f"no tokenizer.json in {tok} (give tokenizer=<dir>)")
-    if not cfg.data.paths:
-        raise ConfigError("data.path", "is required: data.path=<pairs.jsonl>[,...]")
-    for p in cfg.data.paths:
-        if not Path(p).exists() and not any(c in p for c in "*?["):
-            raise ConfigError("data.path", f"no such file: {p}")
-    if env.world_size % cfg.parallel.tp:
-        raise ConfigError("parallel.tp", f"tp={cfg.parallel.tp} does not divide the {env.world_size} ranks of this job")
-    grad_accumulation_steps(cfg.train, env.world_size // cfg.parallel.tp)
+    plumbing.check_tokenizer_dir(tok)
+    plumbing.check_data_paths(cfg.data.paths, "<pairs.jsonl>")
+    plumbing.check_layout(cfg, env)
     return PreparedDPO(cfg, model, tok, resolve_template(cfg, tok))
 
 
 def pair_logps(model, batch: dict[str, torch.Tensor], *, average: bool, vocab_limit, vocab_parallel):
     """Summed (or per-token averaged) completion log-probs of the ``2b`` rows, and their token counts."""
-    from tanuki.losses import sequence_logps
-
     logits = model(batch["tokens"], positions=batch["positions"])
     return sequence_logps(logits, batch["labels"], average=average, vocab_limit=vocab_limit,
                           vocab_parallel=vocab_parallel)
@@ -171,9 +145,6 @@ def pair_logps(model, batch: dict[str, torch.Tensor], *, average: bool, vocab_li
 def dpo_step(model, batch: dict[str, torch.Tensor], *, loss: LossConfig, reference: Callable, vocab_limit,
              vocab_parallel=None):
     """One micro-batch of pairs: policy log-probs, reference log-probs, the DPO loss and TRL's metrics."""
-    from tanuki.losses import chosen_nll, dpo_loss, dpo_metrics
-    from tanuki.train import StepOutput
-
     average = loss.type == "ipo"
     ref = reference(batch)  # first: a LoRA reference runs the policy module itself, before its graph exists
     logps, n_tokens = pair_logps(model, batch, average=average, vocab_limit=vocab_limit, vocab_parallel=vocab_parallel)
@@ -200,8 +171,6 @@ class LiveReference:
     @torch.no_grad()
     def __call__(self, batch):
         if self.lora_policy is not None:
-            from tanuki.lora import adapters_disabled
-
             with adapters_disabled(self.lora_policy.module):
                 logps, _ = pair_logps(self.lora_policy, batch, average=self.average, vocab_limit=self.vocab_limit,
                                       vocab_parallel=self.vocab_parallel)
@@ -231,10 +200,6 @@ def precompute_reference(engine, dataset, *, micro_batch_size: int, dp_rank: int
     ZeRO-3's collective parameter gathers need); each pair is scored by one data-parallel rank and the
     slices are summed over the ranks (TP ranks of a group hold equal values and count once).
     """
-    import torch.distributed as dist
-
-    from tanuki.data.preference import PreferenceDataLoader
-
     ordered = dataset.in_order()
     n = len(ordered.pairs)
     table = torch.zeros(n, 2, dtype=torch.float64)
@@ -262,50 +227,13 @@ def precompute_reference(engine, dataset, *, micro_batch_size: int, dp_rank: int
     return table.float()
 
 
-def build_reference_model(cfg: DPOConfig, device: torch.device, groups, train_cfg: TrainConfig, bf16: bool):
-    """A frozen copy of ``init`` wrapped by DeepSpeed with the policy's ZeRO stage (sharded under ZeRO-3)."""
-    import deepspeed
-
-    from tanuki.fused import apply_kernels
-    from tanuki.hf import import_hf
-    from tanuki.parallel.zero import deepspeed_config
-
-    model = apply_kernels(import_hf(cfg.init, device=device, dtype=torch.float32), cfg.kernels, device=device)
-    if groups.tp > 1:
-        from tanuki.parallel.tensor_parallel import apply_tensor_parallel
-
-        model = apply_tensor_parallel(model, groups, cfg.parallel.sp)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    config = deepspeed_config(train_cfg, cfg.parallel, dp_size=groups.dp, bf16=bf16)
-    config.pop("gradient_clipping", None)
-    engine, *_ = deepspeed.initialize(model=model, config=config, mpu=groups if groups.tp > 1 else None,
-                                      dist_init_required=False)
-    engine.eval()
-    return engine
-
-
 def run(prep: PreparedDPO, env: DistEnv, run_dir: Path, print_fn: Callable[[str], None] = print):
     """Optimise preferences inside an initialised process group; returns the TrainResult."""
-    from transformers import PreTrainedTokenizerFast
-
-    from tanuki.data.preference import PreferenceDataLoader, build_preference_datasets
-    from tanuki.info import flops_per_token
-    from tanuki.lora import count_trainable_parameters
-    from tanuki.metrics import MetricsLogger
-    from tanuki.parallel.groups import build_process_groups
-    from tanuki.parallel.zero import build_engine
-    from tanuki.pretrain import precision_is_bf16
-    from tanuki.sft import build_sft_model, export_sft
-    from tanuki.train import RunSettings, Stage, train_and_close, write_run_files
-
     cfg, tc = prep.cfg, prep.cfg.train
-    groups = build_process_groups(cfg.parallel.tp)
-    dp_size, dp_rank = groups.dp, groups.dp_rank
-    device = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    torch.manual_seed(cfg.seed + dp_rank)
+    config = {**to_dict(cfg), "model": to_dict(prep.model), "template": prep.template}
+    resume = plan_resume(cfg.resume, run_dir, config, RESUME_KEYS, env, cfg.parallel)
+    setup = plumbing.start_stage(cfg, env)
+    groups, dp_size, dp_rank = setup.groups, setup.dp_size, setup.dp_rank
 
     tokenizer = PreTrainedTokenizerFast.from_pretrained(prep.tokenizer_dir)
     total_steps = tc.total_steps()
@@ -315,19 +243,20 @@ def run(prep: PreparedDPO, env: DistEnv, run_dir: Path, print_fn: Callable[[str]
     valid_batches = None
     if data.valid is not None and tc.eval_iters > 0:
         def valid_batches():
-            import itertools
-
             return itertools.islice(PreferenceDataLoader(data.valid, micro_batch_size=tc.micro_batch_size,
                                                          dp_rank=dp_rank, dp_size=dp_size), tc.eval_iters)
 
-    sft_like = _as_sft(cfg, prep.template)
-    model = build_sft_model(sft_like, device, groups)
-    trainable = count_trainable_parameters(model)
-    bf16 = precision_is_bf16(tc.precision)
-    engine, optimizer = build_engine(model, tc, cfg.parallel, dp_size=dp_size, bf16=bf16,
-                                     mpu=groups if groups.tp > 1 else None)
+    def build(frozen: bool):
+        return build_training_model(prep.model, init=cfg.init, seed=cfg.seed, kernels=cfg.kernels, train=tc,
+                                    parallel=cfg.parallel, groups=groups, device=setup.device, bf16=setup.bf16,
+                                    lora=cfg.lora if cfg.method == "lora" and not frozen else None, frozen=frozen)
+
+    model = build(frozen=False)
+    trainable = count_trainable_parameters(model.module)
+    engine, optimizer = build_engine(model.module, tc, cfg.parallel, dp_size=dp_size, bf16=setup.bf16, mpu=setup.mpu,
+                                     load_universal=resume is not None and resume.universal)
     vocab = len(tokenizer)
-    vp = getattr(model, "vocab_parallel", None)
+    vp = model.vocab_parallel
     average = cfg.loss.type == "ipo"
 
     if cfg.reference == "precompute":
@@ -353,43 +282,29 @@ def run(prep: PreparedDPO, env: DistEnv, run_dir: Path, print_fn: Callable[[str]
     elif cfg.method == "lora":
         reference = LiveReference(None, average=average, vocab_limit=vocab, vocab_parallel=vp, lora_policy=engine)
     else:
-        ref_engine = build_reference_model(cfg, device, groups, tc, bf16)
+        ref_engine = build_frozen_engine(build(frozen=True), tc, cfg.parallel, groups, setup.bf16)
         reference = LiveReference(ref_engine, average=average, vocab_limit=vocab, vocab_parallel=vp)
 
-    config = {**to_dict(cfg), "model": to_dict(prep.model), "template": prep.template}
-    logger = None
-    if env.is_main:
-        write_run_files(config, prep.tokenizer_dir, run_dir)
-        logger = MetricsLogger(run_dir, wandb=cfg.logging.wandb, config=config, print_fn=print_fn)
-        print_fn(
-            f"DPO ({cfg.loss.type}, beta {cfg.loss.beta}, {cfg.method}, reference {cfg.reference}) of {cfg.init}: "
-            f"{trainable:,} trainable parameters on {env.world_size} rank(s) = tp {groups.tp} x dp {dp_size}, "
-            f"ZeRO-{cfg.parallel.zero_stage}, {'bf16' if bf16 else 'fp32'}; template {prep.template}; "
-            f"data: {data.summary()}; {total_steps} steps; run dir {run_dir}"
-        )
-
-    out_dir = Path(cfg.export.dir) if cfg.export.dir else run_dir / "hf"
-
-    def on_finish(checkpoint: Path) -> None:
-        if cfg.export.hf or (cfg.method == "lora" and cfg.export.adapter):
-            for p in export_sft(checkpoint, sft_like, out_dir, str(run_dir / "tokenizer")):
-                print_fn(f"exported {p}")
+    logger = plumbing.open_run(
+        cfg, env, config, prep.tokenizer_dir, run_dir, print_fn=print_fn,
+        summary=f"DPO ({cfg.loss.type}, beta {cfg.loss.beta}, {cfg.method}, reference {cfg.reference}) of {cfg.init}: "
+        f"{trainable:,} trainable parameters on {plumbing.describe_layout(setup, env, cfg)}; template "
+        f"{prep.template}; data: {data.summary()}; {total_steps} steps; run dir {run_dir}",
+    )
 
     stage = Stage(
         name="dpo",
-        model=model,
         step_fn=functools.partial(dpo_step, loss=cfg.loss, reference=reference, vocab_limit=vocab, vocab_parallel=vp),
         train_loader=loader,
         valid_batches=valid_batches,
         tokens_per_step=tc.global_batch_size * 2 * tc.seq_len,
         flops_per_token=flops_per_token(prep.model, tc.seq_len),
         config=config,
-        resume_keys=RESUME_KEYS,
-        on_finish=on_finish,
+        on_finish=export_hook(cfg, prep.template, run_dir, print_fn),
         perplexity=False,
     )
-    return train_and_close(stage, RunSettings.from_config(cfg), env, run_dir, engine=engine, optimizer=optimizer,
-                           logger=logger, print_fn=print_fn)
+    return train_and_close(stage, cfg, env, run_dir, engine=engine, optimizer=optimizer, logger=logger,
+                           resume=resume, print_fn=print_fn)
 
 
 class _SplitReference:
@@ -402,28 +317,9 @@ class _SplitReference:
         return (self.train_ref if self.engine.training else self.valid_ref)(batch)
 
 
-def _as_sft(cfg: DPOConfig, template: str):
-    """The SFT config that builds and exports the same model (init, method, LoRA, kernels, template)."""
-    from tanuki.sft import SFTConfig
-
-    return SFTConfig(init=cfg.init, template=template, method=cfg.method, lora=cfg.lora,
-                     train=cfg.train, parallel=cfg.parallel, kernels=cfg.kernels, export=cfg.export, seed=cfg.seed)
-
-
 def main(cfg: DPOConfig, env: DistEnv) -> int:
     """The body of ``launch/dpo.py`` after Hydra."""
-    from tanuki.parallel.env import init_distributed, resolve_run_dir
-    from tanuki.pretrain import stdout_and_log
-
-    prep = prepare(cfg, env)
-    init_distributed(env, "nccl" if torch.cuda.is_available() else "gloo")
-    run_dir = resolve_run_dir(cfg.run.dir, "dpo", env).resolve()
-    print_fn = stdout_and_log(run_dir) if env.is_main else (lambda *a, **k: None)
-    result = run(prep, env, run_dir, print_fn=print_fn)
-    if env.is_main:
-        print_fn(f"done: step {result.step}, last checkpoint {result.last_checkpoint}")
-    sys.stdout.flush()
-    return 0
+    return plumbing.main(cfg, env, name="dpo", prepare=prepare, run=run)
 
 
 @torch.no_grad()
@@ -431,15 +327,6 @@ def preference_accuracy(model_dir: str | Path, pairs_path: str | Path, *, templa
                         seq_len: int = 256, max_prompt_length: int | None = None, micro_batch_size: int = 8) -> dict:
     """How often a Hugging Face model gives its chosen completion a higher log-probability than the
     rejected one, over the pairs of a JSONL file (no reference involved): ``{"accuracy", "pairs"}``."""
-    from transformers import PreTrainedTokenizerFast
-
-    from tanuki.data.preference import (
-        PreferenceDataConfig,
-        PreferenceDataLoader,
-        build_preference_datasets,
-    )
-    from tanuki.hf import import_hf
-
     cfg = DPOConfig(init=str(model_dir), template=template)
     name = resolve_template(cfg, str(model_dir))
     tokenizer = PreTrainedTokenizerFast.from_pretrained(str(model_dir))

@@ -32,13 +32,18 @@ import json
 import os
 import re
 import shutil
-import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Optional
 
+import safetensors.torch  # save_file is looked up when called: tests replace it to interrupt a write
 import torch
+from huggingface_hub import split_torch_state_dict_into_shards
+from safetensors import safe_open
 
 from tanuki.config import ModelConfig
+from tanuki.fileio import read_json, read_safetensors, replacing_dir
+from tanuki.model import Rotary, Transformer
 
 #: tanuki parameter name -> HF LlamaForCausalLM name. ``{i}`` is the layer index.
 _LAYER_NAMES = {
@@ -92,36 +97,66 @@ class HFFormatError(ValueError):
     """A Hugging Face directory that tanuki cannot read; the message names the file."""
 
 
-def to_hf_name(name: str) -> str:
-    """HF name of a tanuki parameter (``layers.3.attn.wq.weight`` -> ``model.layers.3.self_attn.q_proj.weight``)."""
-    if name in _TOP_NAMES:
-        return _TOP_NAMES[name]
-    m = _LAYER_RE.match(name)
-    if m and m.group(2) in _LAYER_NAMES:
-        return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}"
-    e = _EXPERT_RE.match(m.group(2)) if m else None
-    if e:
-        return f"model.layers.{m.group(1)}.block_sparse_moe.experts.{e.group(1)}.{_EXPERT_NAMES[e.group(2)]}.weight"
-    raise KeyError(f"no Hugging Face name for tanuki parameter '{name}'")
+@dataclass(frozen=True)
+class _Renaming:
+    """One direction of the renaming: source name -> target name, by the tables of that direction."""
+
+    #: whole-model names
+    top: Mapping[str, str]
+    #: (layer index, name within the layer) of a source layer parameter
+    layer_re: re.Pattern
+    #: what precedes the layer index in a target name
+    layer_prefix: str
+    #: names within a layer
+    layer: Mapping[str, str]
+    #: (expert index, projection) of a source expert parameter, within its layer
+    expert_re: re.Pattern
+    #: the experts' path within a target layer
+    experts: str
+    #: projection names of an expert
+    expert: Mapping[str, str]
+
+    def rename(self, name: str) -> Optional[str]:
+        """The target name of ``name``, or None if the tables have none."""
+        if name in self.top:
+            return self.top[name]
+        m = self.layer_re.match(name)
+        if not m:
+            return None
+        layer, rest = m.groups()
+        if rest in self.layer:
+            return f"{self.layer_prefix}{layer}.{self.layer[rest]}"
+        e = self.expert_re.match(rest)
+        if e:
+            return f"{self.layer_prefix}{layer}.{self.experts}.{e.group(1)}.{self.expert[e.group(2)]}.weight"
+        return None
 
 
-_TOP_INV = {v: k for k, v in _TOP_NAMES.items()}
+_TO_HF = _Renaming(
+    _TOP_NAMES, _LAYER_RE, "model.layers.", _LAYER_NAMES, _EXPERT_RE, "block_sparse_moe.experts", _EXPERT_NAMES
+)
 _LAYER_INV = {v: k for k, v in _LAYER_NAMES.items()}
 _LAYER_INV[_HF_V5_ROUTER] = "mlp.router.weight"
-_EXPERT_INV = {v: k for k, v in _EXPERT_NAMES.items()}
+_FROM_HF = _Renaming(
+    {v: k for k, v in _TOP_NAMES.items()}, _HF_LAYER_RE, "layers.", _LAYER_INV,
+    _HF_EXPERT_RE, "mlp.experts", {v: k for k, v in _EXPERT_NAMES.items()},
+)
+
+
+def to_hf_name(name: str) -> str:
+    """HF name of a tanuki parameter (``layers.3.attn.wq.weight`` -> ``model.layers.3.self_attn.q_proj.weight``)."""
+    hf_name = _TO_HF.rename(name)
+    if hf_name is None:
+        raise KeyError(f"no Hugging Face name for tanuki parameter '{name}'")
+    return hf_name
 
 
 def from_hf_name(name: str) -> str:
     """Inverse of :func:`to_hf_name` (also accepts transformers 5's Mixtral router name ``mlp.gate``)."""
-    if name in _TOP_INV:
-        return _TOP_INV[name]
-    m = _HF_LAYER_RE.match(name)
-    if m and m.group(2) in _LAYER_INV:
-        return f"layers.{m.group(1)}.{_LAYER_INV[m.group(2)]}"
-    e = _HF_EXPERT_RE.match(m.group(2)) if m else None
-    if e:
-        return f"layers.{m.group(1)}.mlp.experts.{e.group(1)}.{_EXPERT_INV[e.group(2)]}.weight"
-    raise KeyError(f"no tanuki name for Hugging Face tensor '{name}'")
+    tanuki_name = _FROM_HF.rename(name)
+    if tanuki_name is None:
+        raise KeyError(f"no tanuki name for Hugging Face tensor '{name}'")
+    return tanuki_name
 
 
 def _split_fused_experts(hf_name: str, t: torch.Tensor) -> Optional[dict[str, torch.Tensor]]:
@@ -156,14 +191,13 @@ def hf_config_dict(
 ) -> dict:
     """``config.json`` contents of a ``LlamaForCausalLM`` (or, for an MoE, ``MixtralForCausalLM``) with
     tanuki's shape."""
-    if cfg.n_experts:
-        return _mixtral_config_dict(cfg, dtype, bos_token_id, eos_token_id, pad_token_id)
-    from transformers import LlamaConfig
+    # lazy: transformers is slow to import (~1.5 s for these), and every stage imports this module
+    from transformers import LlamaConfig, MixtralConfig
 
-    hf = LlamaConfig(
+    shape = dict(
         vocab_size=cfg.vocab_size,
         hidden_size=cfg.dim,
-        intermediate_size=cfg.ffn_dim,
+        intermediate_size=cfg.ffn_dim,  # of each expert in an MoE
         num_hidden_layers=cfg.n_layers,
         num_attention_heads=cfg.n_heads,
         num_key_value_heads=cfg.n_kv_heads,
@@ -172,54 +206,30 @@ def hf_config_dict(
         rms_norm_eps=cfg.norm_eps,
         rope_theta=cfg.rope_theta,
         hidden_act="silu",
-        attention_bias=False,
-        mlp_bias=False,
         tie_word_embeddings=False,
         initializer_range=cfg.init_std,
         bos_token_id=bos_token_id,
         eos_token_id=eos_token_id,
         pad_token_id=pad_token_id,
     )
+    if cfg.n_experts:
+        arch, hf = "MixtralForCausalLM", MixtralConfig(
+            **shape,
+            num_local_experts=cfg.n_experts,
+            num_experts_per_tok=cfg.top_k,
+            router_aux_loss_coef=cfg.router_aux_loss_coef,
+            output_router_logits=False,
+            router_jitter_noise=0.0,
+            sliding_window=None,  # full causal attention, as tanuki's
+        )
+    else:
+        arch, hf = "LlamaForCausalLM", LlamaConfig(**shape, attention_bias=False, mlp_bias=False)
     d = hf.to_dict()
-    d["architectures"] = ["LlamaForCausalLM"]
+    d["architectures"] = [arch]
     d["torch_dtype"] = d["dtype"] = str(dtype).removeprefix("torch.")
     # transformers >= 5 stores the base in ``rope_parameters``; older readers (transformers 4, vLLM
     # builds pinned to it) look for ``rope_theta``. Write both, they agree.
     d["rope_theta"] = float(cfg.rope_theta)
-    return d
-
-
-def _mixtral_config_dict(cfg: ModelConfig, dtype, bos_token_id, eos_token_id, pad_token_id) -> dict:
-    from transformers import MixtralConfig
-
-    hf = MixtralConfig(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.dim,
-        intermediate_size=cfg.ffn_dim,  # of each expert
-        num_hidden_layers=cfg.n_layers,
-        num_attention_heads=cfg.n_heads,
-        num_key_value_heads=cfg.n_kv_heads,
-        head_dim=cfg.attn_head_dim,
-        max_position_embeddings=cfg.max_seq_len,
-        rms_norm_eps=cfg.norm_eps,
-        rope_theta=cfg.rope_theta,
-        hidden_act="silu",
-        tie_word_embeddings=False,
-        initializer_range=cfg.init_std,
-        num_local_experts=cfg.n_experts,
-        num_experts_per_tok=cfg.top_k,
-        router_aux_loss_coef=cfg.router_aux_loss_coef,
-        output_router_logits=False,
-        router_jitter_noise=0.0,
-        sliding_window=None,  # full causal attention, as tanuki's
-        bos_token_id=bos_token_id,
-        eos_token_id=eos_token_id,
-        pad_token_id=pad_token_id,
-    )
-    d = hf.to_dict()
-    d["architectures"] = ["MixtralForCausalLM"]
-    d["torch_dtype"] = d["dtype"] = str(dtype).removeprefix("torch.")
-    d["rope_theta"] = float(cfg.rope_theta)  # as for Llama: for transformers 4 readers too
     return d
 
 
@@ -313,9 +323,6 @@ def export_hf(
     only when every file is written, so an interrupted export never leaves a loadable-looking
     directory. Special-token ids default to the tokenizer's when ``tokenizer_dir`` is given.
     """
-    from huggingface_hub import split_torch_state_dict_into_shards
-    from safetensors.torch import save_file
-
     output_dir = Path(output_dir)
     if output_dir.exists():
         if not overwrite and any(output_dir.iterdir()):
@@ -337,12 +344,10 @@ def export_hf(
 
     hf_sd = to_hf_state_dict(state_dict, dtype)
     saved_dtype = dtype or next(iter(hf_sd.values())).dtype
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
-    try:
+    with replacing_dir(output_dir) as tmp:
         split = split_torch_state_dict_into_shards(hf_sd, max_shard_size=max_shard_size)
         for filename, names in split.filename_to_tensors.items():
-            save_file({n: hf_sd[n] for n in names}, tmp / filename, metadata={"format": "pt"})
+            safetensors.torch.save_file({n: hf_sd[n] for n in names}, tmp / filename, metadata={"format": "pt"})
         if split.is_sharded:
             index = {"metadata": {"total_size": split.metadata.get("total_size")}, "weight_map": split.tensor_to_filename}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
@@ -355,12 +360,6 @@ def export_hf(
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
         if tokenizer_dir is not None:
             copy_tokenizer_files(tokenizer_dir, tmp)
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        os.replace(tmp, output_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return output_dir
 
 
@@ -378,7 +377,7 @@ def copy_tokenizer_files(src: str | os.PathLike, dst: str | os.PathLike) -> list
 
 
 def _tokenizer_special_ids(tokenizer_dir: Path) -> dict:
-    from transformers import PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast  # lazy, as in hf_config_dict
 
     tok = PreTrainedTokenizerFast.from_pretrained(str(tokenizer_dir))
     return {"bos": tok.bos_token_id, "eos": tok.eos_token_id, "pad": tok.pad_token_id}
@@ -420,13 +419,13 @@ def read_hf_config(path: str | os.PathLike) -> dict:
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise HFFormatError(f"{cfg_file}: missing (not a Hugging Face model directory)")
-    try:
-        return json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise HFFormatError(f"{cfg_file}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    return read_json(cfg_file, HFFormatError)
 
 
-def _weight_files(path: Path) -> list[Path]:
+def weight_files(path: Path) -> list[Path]:
+    """The safetensors files of the Hugging Face model directory ``path``: those its
+    ``model.safetensors.index.json`` lists (sorted), or its one ``model.safetensors``.
+    :class:`HFFormatError` if it has neither, or if a listed file is missing."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
         weight_map = json.loads(index.read_text())["weight_map"]
@@ -447,14 +446,12 @@ def _weight_files(path: Path) -> list[Path]:
 def load_hf(path: str | os.PathLike, dtype: Optional[torch.dtype] = None) -> tuple[ModelConfig, dict]:
     """Read a HF Llama or Mixtral directory: its tanuki :class:`ModelConfig` and state dict (tanuki names,
     CPU)."""
-    from safetensors import safe_open
-
     path = Path(path)
     hf_config = read_hf_config(path)
     cfg = model_config_from_hf(hf_config, source=str(path / "config.json"))
     tied = bool(hf_config.get("tie_word_embeddings", False))
     sd: dict[str, torch.Tensor] = {}
-    for f in _weight_files(path):
+    for f in weight_files(path):
         with safe_open(str(f), framework="pt") as fh:
             for hf_name in fh.keys():
                 if hf_name.endswith("rotary_emb.inv_freq"):
@@ -492,12 +489,10 @@ def load_hf(path: str | os.PathLike, dtype: Optional[torch.dtype] = None) -> tup
 def read_hf_tensors(path: str | os.PathLike, names, dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:
     """Only the tensors ``names`` (tanuki names) of a HF directory, read lazily from its safetensors
     files (e.g. the MLPs of a large dense model). Missing ones raise :class:`HFFormatError`."""
-    from safetensors import safe_open
-
     path = Path(path)
     wanted = {to_hf_name(n): n for n in names}
     out: dict[str, torch.Tensor] = {}
-    for f in _weight_files(path):
+    for f in weight_files(path):
         with safe_open(str(f), framework="pt") as fh:
             for hf_name in set(fh.keys()) & set(wanted):
                 t = fh.get_tensor(hf_name)
@@ -510,8 +505,6 @@ def read_hf_tensors(path: str | os.PathLike, names, dtype: Optional[torch.dtype]
 
 def import_hf(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
     """Build a tanuki :class:`~tanuki.model.Transformer` with the weights of a HF Llama or Mixtral directory."""
-    from tanuki.model import Rotary, Transformer
-
     cfg, sd = load_hf(path, dtype=dtype)
     with torch.device("meta"):
         model = Transformer(cfg)
@@ -587,49 +580,33 @@ def write_peft_adapter(
     is assembled under a temporary name and renamed into place when complete, and a non-empty
     ``output_dir`` is replaced only with ``overwrite=True``.
     """
-    from safetensors.torch import save_file
-
     output_dir = Path(output_dir)
     if output_dir.exists() and not overwrite and any(output_dir.iterdir()):
         raise FileExistsError(f"{output_dir} exists and is not empty (pass overwrite=True to replace it)")
     peft_sd = {to_peft_name(name): t.detach().contiguous().cpu() for name, t in tensors.items()}
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
-    try:
-        save_file(peft_sd, tmp / PEFT_WEIGHTS_FILE, metadata={"format": "pt"})
+    with replacing_dir(output_dir) as tmp:
+        safetensors.torch.save_file(peft_sd, tmp / PEFT_WEIGHTS_FILE, metadata={"format": "pt"})
         (tmp / PEFT_CONFIG_FILE).write_text(json.dumps(dict(adapter_config), indent=2) + "\n")
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        os.replace(tmp, output_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return output_dir
 
 
 def read_peft_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
     """Read a PEFT adapter directory: its ``adapter_config.json`` and its tensors (tanuki names, CPU)."""
-    from safetensors import safe_open
-
     path = Path(path)
     if not path.is_dir():
         raise HFFormatError(f"{path}: not a directory (expected a PEFT adapter directory)")
     cfg_file, weights = path / PEFT_CONFIG_FILE, path / PEFT_WEIGHTS_FILE
     if not cfg_file.is_file():
         raise HFFormatError(f"{cfg_file}: missing (not a PEFT adapter directory)")
-    try:
-        config = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise HFFormatError(f"{cfg_file}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    config = read_json(cfg_file, HFFormatError)
     if not weights.is_file():
         hint = " (adapter_model.bin: re-save it with save_pretrained(safe_serialization=True))"
         raise HFFormatError(f"{weights}: missing{hint if (path / 'adapter_model.bin').is_file() else ''}")
+    _, peft_tensors = read_safetensors(weights, HFFormatError)
     tensors: dict[str, torch.Tensor] = {}
-    with safe_open(str(weights), framework="pt") as fh:
-        for key in fh.keys():
-            try:
-                name = from_peft_name(key)
-            except KeyError as e:
-                raise HFFormatError(f"{weights}: {e.args[0]}") from None
-            tensors[name] = fh.get_tensor(key)
+    for key, t in peft_tensors.items():
+        try:
+            tensors[from_peft_name(key)] = t
+        except KeyError as e:
+            raise HFFormatError(f"{weights}: {e.args[0]}") from None
     return config, tensors

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tanuki.config import ModelConfig, ModelInfoConfig
+from tanuki.config import ConfigError, ModelConfig, ModelInfoConfig
 from tanuki.model import ParamCounts, Transformer, count_parameters
 
 GIB = 1024**3
@@ -127,8 +127,6 @@ def model_report(cfg: ModelInfoConfig) -> dict:
     """Everything ``launch/model_info.py`` prints, as a dict (also handy in notebooks)."""
     m, plan, par, train = cfg.model, cfg.plan, cfg.parallel, cfg.train
     if plan.gpus % par.tp:
-        from tanuki.config import ConfigError
-
         raise ConfigError("plan.gpus", f"{plan.gpus} GPUs is not a multiple of parallel.tp={par.tp}")
     counts = meta_param_counts(m)
     fpt = flops_per_token(m, train.seq_len)

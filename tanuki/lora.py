@@ -33,8 +33,8 @@ Order of construction (the architecture's order, with LoRA after the swaps that 
     model.checkpoint_fn = ...                   # activation checkpointing
     engine = deepspeed.initialize(model, [p for p in model.parameters() if p.requires_grad], ...)
 
-Tensor parallelism: not supported with LoRA. :func:`apply_lora` raises on a model whose
-``tp_groups.tp > 1`` (and a model adapted first and sharded afterwards fails at its first forward,
+Tensor parallelism: not supported with LoRA. :func:`apply_lora` raises on a model already sharded by
+:func:`tanuki.parallel.tensor_parallel.apply_tensor_parallel` (and a model adapted first and sharded afterwards fails at its first forward,
 because the factors would keep their full shapes). Supporting it would mean sharding ``B`` by rows for
 the column-parallel projections and ``A`` by columns for the row-parallel ones, with the other factor
 replicated and its gradient all-reduced over the TP group, plus a per-rank dropout RNG for the
@@ -61,7 +61,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tanuki.config import ConfigError, _require
+from tanuki.config import ConfigError, require
 from tanuki.hf import (
     HF_MODULE_NAMES,
     HFFormatError,
@@ -97,18 +97,18 @@ class LoraConfig:
     train_head: bool = False
 
     def __post_init__(self) -> None:
-        _require(
+        require(
             not isinstance(self.r, bool) and isinstance(self.r, int) and self.r >= 1,
             "lora.r", f"must be an integer >= 1, got {self.r!r}",
         )
-        _require(self.alpha > 0 and math.isfinite(self.alpha), "lora.alpha", f"must be positive, got {self.alpha}")
-        _require(0 <= self.dropout < 1, "lora.dropout", f"must be in [0, 1), got {self.dropout}")
+        require(self.alpha > 0 and math.isfinite(self.alpha), "lora.alpha", f"must be positive, got {self.alpha}")
+        require(0 <= self.dropout < 1, "lora.dropout", f"must be in [0, 1), got {self.dropout}")
         targets = self.target_modules
-        _require(
+        require(
             isinstance(targets, (list, tuple)), "lora.target_modules",
             f"must be a list of module names ({', '.join(DEFAULT_TARGET_MODULES)}), got {targets!r}",
         )
-        _require(len(targets) > 0, "lora.target_modules", "must name at least one module")
+        require(len(targets) > 0, "lora.target_modules", "must name at least one module")
         seen: set[str] = set()
         for i, name in enumerate(targets):
             key = f"lora.target_modules[{i}]"
@@ -116,7 +116,7 @@ class LoraConfig:
                 raise ConfigError(
                     key, f"{name!r} is not a linear layer of tanuki's model; valid: {', '.join(DEFAULT_TARGET_MODULES)}"
                 )
-            _require(name not in seen, key, f"{name!r} is listed twice")
+            require(name not in seen, key, f"{name!r} is listed twice")
             seen.add(name)
         object.__setattr__(self, "target_modules", tuple(targets))
 
@@ -243,12 +243,12 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, seed: int = 0) -> nn.Module:
     embedding / output head when ``cfg.train_embeddings`` / ``cfg.train_head``. Sets ``model.lora_config``.
 
     Call it after the kernel swap (and on a model without tensor parallelism), before activation
-    checkpointing and the ZeRO engine; refuses (``ValueError``) a model with ``tp_groups.tp > 1``.
+    checkpointing and the ZeRO engine; refuses (``ValueError``) a model sharded by tensor parallelism
+    (its parameters carry ``tensor_model_parallel``, the attribute DeepSpeed reads).
     """
-    groups = getattr(model, "tp_groups", None)
-    if groups is not None and getattr(groups, "tp", 1) > 1:
+    if any(getattr(p, "tensor_model_parallel", False) for p in model.parameters()):
         raise ValueError(
-            f"LoRA with tensor parallelism (tp={groups.tp}) is not supported: the adapters would need "
+            "LoRA with tensor parallelism (a model sharded over parallel.tp > 1 ranks) is not supported: the adapters would need "
             "sharding too. Train LoRA with parallel.tp=1 (data parallel with ZeRO); the frozen base needs no "
             "optimizer state, which is why LoRA fits where full fine-tuning needs TP."
         )

@@ -20,6 +20,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from tanuki.parallel.cross_entropy import vocab_parallel_cross_entropy
+
 IGNORE_INDEX = -100
 
 
@@ -67,8 +69,6 @@ def causal_lm_loss(
             :mod:`tanuki.parallel.cross_entropy`); ``vocab_limit`` stays a global column index.
     """
     if vocab_parallel is not None:
-        from tanuki.parallel.cross_entropy import vocab_parallel_cross_entropy
-
         ce_tok, lse = vocab_parallel_cross_entropy(
             logits, labels, start=vocab_parallel.start, group=vocab_parallel.group, vocab_limit=vocab_limit,
             ignore_index=ignore_index,
@@ -183,8 +183,6 @@ def sequence_logps(
         raise ValueError(f"sequence_logps expects logits (B, T, V) and labels (B, T); got "
                          f"{tuple(logits.shape)} and {tuple(labels.shape)}")
     if vocab_parallel is not None:
-        from tanuki.parallel.cross_entropy import vocab_parallel_cross_entropy
-
         ce, _ = vocab_parallel_cross_entropy(
             logits, labels, start=vocab_parallel.start, group=vocab_parallel.group, vocab_limit=vocab_limit,
             ignore_index=ignore_index,

@@ -38,6 +38,15 @@ from typing import Literal, Optional, Union
 import torch
 
 from tanuki.config import ConfigError
+from tanuki.hf import (
+    HFFormatError,
+    export_hf,
+    import_hf,
+    load_hf,
+    model_config_from_hf,
+    read_hf_config,
+    read_hf_tensors,
+)
 
 #: Bundled prompt sets for ``gate=hidden``: a few typical inputs of the kind of text each expert is for.
 PROMPT_SETS: dict[str, tuple[str, ...]] = {
@@ -167,8 +176,6 @@ def _mlp_names(layer: int, prefix: str = "mlp.") -> list[str]:
 
 def _read_dense(path: str, key: str):
     """config.json of a dense model as a ModelConfig; MergeError naming ``key`` otherwise."""
-    from tanuki.hf import HFFormatError, model_config_from_hf, read_hf_config
-
     try:
         cfg = model_config_from_hf(read_hf_config(path), source=str(Path(path) / "config.json"))
     except HFFormatError as e:
@@ -213,14 +220,6 @@ def hidden_gate(model, prompts: list[tuple[str, ...]], tokenizer) -> torch.Tenso
 
 def merge_moe(cfg: MergeMoEConfig, log=print) -> Path:
     """Write the MoE that ``cfg`` describes (see the module docstring); returns the output directory."""
-    from tanuki.hf import (
-        HFFormatError,
-        export_hf,
-        load_hf,
-        read_hf_config,
-        read_hf_tensors,
-    )
-
     base_cfg = _read_dense(cfg.base, "base")
     try:
         _, base_sd = load_hf(cfg.base)
@@ -257,9 +256,7 @@ def merge_moe(cfg: MergeMoEConfig, log=print) -> Path:
 
     # Router weights, (L, E, dim) fp32.
     if cfg.gate == "hidden":
-        from transformers import AutoTokenizer
-
-        from tanuki.hf import import_hf
+        from transformers import AutoTokenizer  # lazy: transformers is slow to import, only gate=hidden needs it
 
         try:
             tokenizer = AutoTokenizer.from_pretrained(cfg.base)

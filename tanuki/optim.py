@@ -109,11 +109,16 @@ def build_optimizer(
     *,
     decay_embeddings: bool = False,
     decay_norms: bool = False,
+    optimizer_class: type[torch.optim.AdamW] = torch.optim.AdamW,
 ) -> torch.optim.AdamW:
-    """AdamW over :func:`param_groups` of ``model`` (DeepSpeed wraps it for ZeRO)."""
+    """``optimizer_class`` (AdamW or a subclass) over :func:`param_groups` of ``model``.
+
+    The engine (:func:`tanuki.parallel.zero.build_engine`) builds its
+    :class:`~tanuki.parallel.zero.GuardedAdamW` here, which DeepSpeed then wraps for ZeRO.
+    """
     groups = param_groups(
         model.named_parameters(), weight_decay, decay_embeddings=decay_embeddings, decay_norms=decay_norms
     )
     for g in groups:
         g.pop("names")
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
+    return optimizer_class(groups, lr=lr, betas=betas, eps=eps)

@@ -27,16 +27,17 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import EngFormatter, FormatStrFormatter
 
 from tanuki.config import ConfigError
 from tanuki.metrics import MetricsError, is_train, read_metrics
 
 __all__ = ["MetricsError", "PlotConfig", "build_figures", "plot_run", "read_metrics"]
-
-if TYPE_CHECKING:
-    from matplotlib.axes import Axes
-    from matplotlib.figure import Figure
 
 #: pixel size of every PNG (FIGSIZE inches at DPI)
 FIGSIZE = (10.0, 5.0)
@@ -102,8 +103,6 @@ def ema(values: list[float], smoothing: float) -> list[float]:
 
 def _linear(x, xp: list[float], fp: list[float]):
     """Piecewise-linear map through (xp, fp), continued linearly beyond the ends (axis margins)."""
-    import numpy as np
-
     x = np.asarray(x, dtype=float)
     y = np.interp(x, xp, fp)
     lo = (fp[1] - fp[0]) / (xp[1] - xp[0])
@@ -132,8 +131,6 @@ def step_tokens_maps(records: list[dict]) -> tuple[Callable, Callable] | None:
 
 def add_tokens_axis(ax: Axes, records: list[dict]) -> Axes | None:
     """A top x-axis reading the step axis in consumed tokens (see :func:`step_tokens_maps`)."""
-    from matplotlib.ticker import EngFormatter
-
     maps = step_tokens_maps(records)
     if maps is None:
         return None
@@ -144,9 +141,6 @@ def add_tokens_axis(ax: Axes, records: list[dict]) -> Axes | None:
 
 
 def _new_figure(rows: int = 1) -> tuple[Figure, list[Axes]]:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     fig = Figure(figsize=FIGSIZE, dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(rows, 1, sharex=True, squeeze=False)[:, 0]
@@ -184,8 +178,6 @@ def _loss_figure(records: list[dict], smoothing: float, title: str) -> Figure:
 
 
 def _lr_figure(records: list[dict], title: str) -> Figure:
-    from matplotlib.ticker import FormatStrFormatter
-
     fig, (ax,) = _new_figure()
     ax.plot(*series(records, "lr"), color="C2", label="lr")
     ax.set_ylabel("learning rate")

@@ -9,33 +9,41 @@ and ranks (the loop passes the global count of loss tokens; see :func:`sft_step`
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import sys
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
 import torch
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from tanuki.config import (
-    CheckpointConfig,
-    ConfigError,
-    LoggingConfig,
-    ModelConfig,
-    ParallelConfig,
-    RunConfig,
-    TrainConfig,
-    to_dict,
-)
-from tanuki.data.sft import SFTDataConfig
-from tanuki.lisa import LisaConfig
-from tanuki.lora import LoraConfig
+from tanuki import stage as plumbing
+from tanuki.build import build_training_model
+from tanuki.checkpoint import consolidate_checkpoint, plan_resume
+from tanuki.config import ConfigError, ModelConfig, StageConfig, TrainConfig, to_dict
+from tanuki.data.sft import SFTDataConfig, SFTDataLoader, build_sft_datasets, exact_match, read_eval_prompts
+from tanuki.generate import generate
+from tanuki.hf import export_hf, import_hf
+from tanuki.info import flops_per_token
+from tanuki.lisa import LisaConfig, LisaScheduler
+from tanuki.lora import LoraConfig, count_trainable_parameters, merge_lora_state_dict, save_peft_adapter
+from tanuki.losses import causal_lm_loss
+from tanuki.model import moe_losses
 from tanuki.parallel.env import DistEnv
+from tanuki.parallel.zero import build_engine
+from tanuki.tokenizer.templates import get_template, write_chat_template
+from tanuki.train import Stage, StepOutput, train_and_close
 
 #: settings a resumed SFT run must share with the run that wrote the checkpoint
 RESUME_KEYS = ("init", "method", "lora", "lisa", "template", "parallel.tp", "parallel.zero_stage", "train.seq_len")
+
+
+def fine_tuning_train_config(lr: float, min_lr: float) -> TrainConfig:
+    """The ``train`` defaults of the fine-tuning stages: longer rows, smaller micro-batches, a small
+    learning rate and no weight decay."""
+    return TrainConfig(seq_len=512, micro_batch_size=4, lr=lr, min_lr=min_lr, weight_decay=0.0)
 
 
 @dataclass(frozen=True)
@@ -52,10 +60,10 @@ class SFTExportConfig:
 
 
 @dataclass(frozen=True)
-class SFTConfig:
+class SFTConfig(StageConfig):
     """``conf/sft.yaml``."""
 
-    #: the Hugging Face Llama directory to fine-tune (a tanuki export or any Llama checkpoint)
+    #: the Hugging Face directory to fine-tune (a tanuki export or a supported checkpoint)
     init: str
     data: SFTDataConfig = field(default_factory=SFTDataConfig)
     #: chat template: alpaca_ja | llmjp | tulu (written into the exported tokenizer's config)
@@ -63,22 +71,14 @@ class SFTConfig:
     method: Literal["full", "lora", "lisa"] = "full"
     lora: LoraConfig = field(default_factory=LoraConfig)
     lisa: LisaConfig = field(default_factory=LisaConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=lambda: fine_tuning_train_config(2e-5, 2e-6), kw_only=True)
     #: tokenizer directory; default: the one in ``init``
     tokenizer: Optional[str] = None
     #: kernels of the model: auto (Triton on CUDA) | triton | torch
     kernels: Literal["auto", "triton", "torch"] = "auto"
-    run: RunConfig = field(default_factory=RunConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
     export: SFTExportConfig = field(default_factory=SFTExportConfig)
-    resume: str = "auto"
-    seed: int = 1234
 
     def __post_init__(self) -> None:
-        from tanuki.tokenizer.templates import get_template
-
         get_template(self.template)  # an unknown name fails here, naming the key
         if self.method == "lora" and self.parallel.tp > 1:
             raise ConfigError("method", "LoRA with tensor parallelism (parallel.tp > 1) is not supported; use tp=1")
@@ -101,44 +101,25 @@ class PreparedSFT:
 
 def prepare(cfg: SFTConfig, env: DistEnv) -> PreparedSFT:
     """Checks needing files or the world size (before any process group)."""
-    from tanuki.hf import HFFormatError, model_config_from_hf, read_hf_config
-    from tanuki.parallel.zero import grad_accumulation_steps
-
-    try:
-        model = model_config_from_hf(read_hf_config(cfg.init), source=f"{cfg.init}/config.json")
-    except (FileNotFoundError, HFFormatError) as e:
-        raise ConfigError("init", str(e)) from None
-    model = dataclasses.replace(model, kernels=cfg.kernels)
-    if cfg.train.seq_len > model.max_seq_len:
-        raise ConfigError("train.seq_len", f"{cfg.train.seq_len} exceeds the context of {cfg.init} ({model.max_seq_len})")
+    model = plumbing.model_config_from_init(cfg.init, cfg.kernels)
+    plumbing.check_context(cfg.train.seq_len, model, cfg.init)
     tok = cfg.tokenizer or cfg.init
-    if not (Path(tok) / "tokenizer.json").is_file():
-        raise ConfigError("tokenizer", f"no tokenizer.json in {tok} (give tokenizer=<dir>)")
-    if not cfg.data.paths:
-        raise ConfigError("data.path", "is required: data.path=<file.jsonl>[,...]")
-    for p in cfg.data.paths:
-        if not Path(p).exists() and not any(c in p for c in "*?["):
-            raise ConfigError("data.path", f"no such file: {p}")
-    if env.world_size % cfg.parallel.tp:
-        raise ConfigError("parallel.tp", f"tp={cfg.parallel.tp} does not divide the {env.world_size} ranks of this job")
-    gas = grad_accumulation_steps(cfg.train, env.world_size // cfg.parallel.tp)
-    return PreparedSFT(cfg, model, tok, gas)
+    plumbing.check_tokenizer_dir(tok)
+    plumbing.check_data_paths(cfg.data.paths, "<file.jsonl>")
+    return PreparedSFT(cfg, model, tok, plumbing.check_layout(cfg, env))
 
 
 def sft_step(model, batch: dict[str, torch.Tensor], *, z_loss: float, vocab_limit: int | None, vocab_parallel=None,
              autocast: torch.dtype | None = None, packed: bool = True):
     """One micro-batch: the loss on the labelled (assistant) tokens of packed rows.
 
-    With ``batch["loss_normalizer"]`` (set by the loop from the global count of loss tokens), the
-    summed loss is divided by it, so every token of the global batch weighs the same; evaluation
-    batches have none and report the per-token mean of the batch. ``autocast``: compute in that dtype
-    over fp32 weights (LISA's mixed precision). Unpacked rows (one sample, then padding that carries no
-    loss) need no block-diagonal mask: plain causal attention is cheaper and gives the same loss.
+    With ``batch["loss_normalizer"]`` (set by :class:`~tanuki.data.sft.SFTDataLoader` from the global
+    count of loss tokens of the optimizer step), the summed loss is divided by it, so every token of the
+    global batch weighs the same; evaluation batches have none and report the per-token mean of the
+    batch. ``autocast``: compute in that dtype over fp32 weights (LISA's mixed precision). Unpacked rows
+    (one sample, then padding that carries no loss) need no block-diagonal mask: plain causal attention
+    is cheaper and gives the same loss.
     """
-    from tanuki.losses import causal_lm_loss
-    from tanuki.model import moe_losses
-    from tanuki.train import StepOutput
-
     tokens = batch["tokens"]
     with torch.autocast(tokens.device.type, dtype=autocast, enabled=autocast is not None):
         logits = model(tokens, positions=batch["positions"], segment_ids=batch["segment_ids"] if packed else None)
@@ -148,156 +129,104 @@ def sft_step(model, batch: dict[str, torch.Tensor], *, z_loss: float, vocab_limi
     return StepOutput(loss=out.loss + router_loss, stats={"loss": out.ce, **router_stats})
 
 
-def build_sft_model(cfg: SFTConfig, device: torch.device, groups=None):
-    """The model from ``init``, in the fixed order: load -> kernels -> LoRA or TP -> checkpointing."""
-    from tanuki.fused import apply_kernels
-    from tanuki.hf import import_hf
-
-    model = import_hf(cfg.init, device=device, dtype=torch.float32)
-    model = apply_kernels(model, cfg.kernels, device=device)
-    if cfg.method == "lora":
-        from tanuki.lora import apply_lora
-
-        model = apply_lora(model, cfg.lora, seed=cfg.seed)
-    if groups is not None and groups.tp > 1:
-        from tanuki.parallel.tensor_parallel import apply_tensor_parallel
-
-        model = apply_tensor_parallel(model, groups, cfg.parallel.sp)
-    if cfg.train.activation_checkpointing:
-        from torch.utils.checkpoint import checkpoint
-
-        model.checkpoint_fn = functools.partial(checkpoint, use_reentrant=False)
-    return model
-
-
-def export_sft(checkpoint: Path, cfg: SFTConfig, out_dir: Path, tokenizer_dir: str) -> list[Path]:
-    """The final checkpoint as a Hugging Face model (LoRA merged) and, for LoRA, a PEFT adapter."""
-    from tanuki.checkpoint import consolidate_checkpoint
-    from tanuki.hf import export_hf
-    from tanuki.tokenizer.templates import write_chat_template
-
+def export_fine_tuned(checkpoint: Path, *, init: str, method: str, lora: LoraConfig, export: SFTExportConfig,
+                      template: str, out_dir: Path, tokenizer_dir: str) -> list[Path]:
+    """The final checkpoint of a fine-tuning run (SFT or DPO) as a Hugging Face model (LoRA merged) and,
+    for LoRA, a PEFT adapter."""
     model_cfg, sd = consolidate_checkpoint(checkpoint)
     written = []
-    if cfg.method == "lora":
-        from tanuki.lora import merge_lora_state_dict, save_peft_adapter
-
-        if cfg.export.adapter:
-            adapter_dir = out_dir.parent / "adapter" if cfg.export.dir is None else Path(str(out_dir) + "-adapter")
-            written.append(save_peft_adapter(sd, cfg.lora, str(Path(cfg.init).resolve()), adapter_dir, overwrite=True))
-        sd = merge_lora_state_dict(sd, cfg.lora)
-    if cfg.export.hf:
-        out = export_hf(sd, model_cfg, out_dir, dtype=getattr(torch, cfg.export.dtype), tokenizer_dir=tokenizer_dir,
+    if method == "lora":
+        if export.adapter:
+            adapter_dir = out_dir.parent / "adapter" if export.dir is None else Path(str(out_dir) + "-adapter")
+            written.append(save_peft_adapter(sd, lora, str(Path(init).resolve()), adapter_dir, overwrite=True))
+        sd = merge_lora_state_dict(sd, lora)
+    if export.hf:
+        out = export_hf(sd, model_cfg, out_dir, dtype=getattr(torch, export.dtype), tokenizer_dir=tokenizer_dir,
                         overwrite=True)
-        write_chat_template(out, cfg.template)
+        write_chat_template(out, template)
         written.append(out)
     return written
 
 
+def export_hook(cfg: StageConfig, template: str, run_dir: Path,
+                print_fn: Callable[[str], None]) -> Callable[[Path], None] | None:
+    """What a fine-tuning stage runs on rank 0 with its final checkpoint: the exports of ``cfg.export``
+    into ``export.dir`` (default ``<run dir>/hf``); None when nothing is to be written. ``cfg``: an
+    :class:`SFTConfig` or a :class:`tanuki.dpo.DPOConfig` (both have init, method, lora and export)."""
+    if not (cfg.export.hf or (cfg.method == "lora" and cfg.export.adapter)):
+        return None
+    out_dir = Path(cfg.export.dir) if cfg.export.dir else run_dir / "hf"
+
+    def on_finish(checkpoint: Path) -> None:
+        for p in export_fine_tuned(checkpoint, init=cfg.init, method=cfg.method, lora=cfg.lora, export=cfg.export,
+                                   template=template, out_dir=out_dir, tokenizer_dir=str(run_dir / "tokenizer")):
+            print_fn(f"exported {p}")
+
+    return on_finish
+
+
 def run(prep: PreparedSFT, env: DistEnv, run_dir: Path, print_fn: Callable[[str], None] = print):
     """Fine-tune inside an initialised process group; returns the TrainResult."""
-    from transformers import PreTrainedTokenizerFast
-
-    from tanuki.data.sft import SFTDataLoader, build_sft_datasets
-    from tanuki.info import flops_per_token
-    from tanuki.lora import count_trainable_parameters
-    from tanuki.metrics import MetricsLogger
-    from tanuki.parallel.groups import build_process_groups
-    from tanuki.parallel.zero import build_engine
-    from tanuki.pretrain import precision_is_bf16
-    from tanuki.train import RunSettings, Stage, train_and_close, write_run_files
-
     cfg, tc = prep.cfg, prep.cfg.train
-    groups = build_process_groups(cfg.parallel.tp)
-    dp_size, dp_rank = groups.dp, groups.dp_rank
-    device = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    torch.manual_seed(cfg.seed + dp_rank)
+    # The model's architecture goes into every checkpoint, so that export needs nothing but the checkpoint.
+    config = {**to_dict(cfg), "model": to_dict(prep.model)}
+    resume = plan_resume(cfg.resume, run_dir, config, RESUME_KEYS, env, cfg.parallel)
+    setup = plumbing.start_stage(cfg, env)
+    dp_size, dp_rank = setup.dp_size, setup.dp_rank
 
     tokenizer = PreTrainedTokenizerFast.from_pretrained(prep.tokenizer_dir)
     total_steps = tc.total_steps()
     data = build_sft_datasets(cfg.data, tokenizer, cfg.template, tc.seq_len, min_rows=total_steps * tc.global_batch_size)
-    loader = SFTDataLoader(data.train, micro_batch_size=tc.micro_batch_size, dp_rank=dp_rank, dp_size=dp_size)
+    loader = SFTDataLoader(data.train, micro_batch_size=tc.micro_batch_size, dp_rank=dp_rank, dp_size=dp_size,
+                           grad_accumulation=prep.grad_accumulation)
     valid_batches = None
     if data.valid is not None and tc.eval_iters > 0:
         def valid_batches():
-            import itertools
-
             return itertools.islice(SFTDataLoader(data.valid, micro_batch_size=tc.micro_batch_size, dp_rank=dp_rank,
                                                   dp_size=dp_size), tc.eval_iters)
 
-    model = build_sft_model(cfg, device, groups)
-    trainable = count_trainable_parameters(model)
-    bf16 = precision_is_bf16(tc.precision)
+    model = build_training_model(prep.model, init=cfg.init, seed=cfg.seed, kernels=cfg.kernels, train=tc,
+                                 parallel=cfg.parallel, groups=setup.groups, device=setup.device, bf16=setup.bf16,
+                                 lora=cfg.lora if cfg.method == "lora" else None)
+    trainable = count_trainable_parameters(model.module)
     # LISA keeps fp32 weights (DeepSpeed's bf16 mode flattens them) and computes in bf16 by autocast.
-    autocast = torch.bfloat16 if bf16 and cfg.method == "lisa" else None
-    engine, optimizer = build_engine(model, tc, cfg.parallel, dp_size=dp_size, bf16=bf16 and autocast is None,
-                                     mpu=groups if groups.tp > 1 else None)
+    autocast = torch.bfloat16 if setup.bf16 and cfg.method == "lisa" else None
+    engine, optimizer = build_engine(model.module, tc, cfg.parallel, dp_size=dp_size,
+                                     bf16=setup.bf16 and autocast is None, mpu=setup.mpu,
+                                     load_universal=resume is not None and resume.universal)
     lisa = None
     if cfg.method == "lisa":
-        from tanuki.lisa import LisaScheduler
+        lisa = LisaScheduler(model.module.layers, cfg.lisa, optimizer)  # after the optimizer knows every layer
 
-        lisa = LisaScheduler(model.layers, cfg.lisa, optimizer)  # after the optimizer knows every layer
+    logger = plumbing.open_run(
+        cfg, env, config, prep.tokenizer_dir, run_dir, print_fn=print_fn,
+        summary=f"SFT ({cfg.method}, template {cfg.template}) of {cfg.init}: {trainable:,} trainable parameters"
+        + (f" ({cfg.lisa.active_layers} of {len(model.module.layers)} layers at a time, new draw every "
+           f"{cfg.lisa.interval_steps} steps)" if lisa is not None else "")
+        + f" on {plumbing.describe_layout(setup, env, cfg)}; data: {data.train_stats.summary()}; "
+        f"{len(data.train):,} rows of {tc.seq_len} ({'packed' if cfg.data.packing else 'one sample per row'}); "
+        f"{total_steps} steps; run dir {run_dir}",
+    )
 
-    # The model's architecture goes into every checkpoint, so that export needs nothing but the checkpoint.
-    config = {**to_dict(cfg), "model": to_dict(prep.model)}
-    logger = None
-    if env.is_main:
-        write_run_files(config, prep.tokenizer_dir, run_dir)
-        logger = MetricsLogger(run_dir, wandb=cfg.logging.wandb, config=config, print_fn=print_fn)
-        print_fn(
-            f"SFT ({cfg.method}, template {cfg.template}) of {cfg.init}: {trainable:,} trainable parameters"
-            + (f" ({cfg.lisa.active_layers} of {len(model.layers)} layers at a time, new draw every "
-               f"{cfg.lisa.interval_steps} steps)" if lisa is not None else "")
-            + f" on "
-            f"{env.world_size} rank(s) = tp {groups.tp} x dp {dp_size}, ZeRO-{cfg.parallel.zero_stage}, "
-            f"{'bf16' if bf16 else 'fp32'}; data: {data.train_stats.summary()}; "
-            f"{len(data.train):,} rows of {tc.seq_len} ({'packed' if cfg.data.packing else 'one sample per row'}); "
-            f"{total_steps} steps; run dir {run_dir}"
-        )
-
-    out_dir = Path(cfg.export.dir) if cfg.export.dir else run_dir / "hf"
-
-    def on_finish(checkpoint: Path) -> None:
-        if cfg.export.hf or (cfg.method == "lora" and cfg.export.adapter):
-            for p in export_sft(checkpoint, cfg, out_dir, str(run_dir / "tokenizer")):
-                print_fn(f"exported {p}")
-
-    vocab = len(tokenizer)
     stage = Stage(
         name="sft",
-        model=model,
-        step_fn=functools.partial(sft_step, z_loss=tc.z_loss, vocab_limit=vocab,
-                                  vocab_parallel=getattr(model, "vocab_parallel", None), autocast=autocast,
-                                  packed=cfg.data.packing),
+        step_fn=functools.partial(sft_step, z_loss=tc.z_loss, vocab_limit=len(tokenizer),
+                                  vocab_parallel=model.vocab_parallel, autocast=autocast, packed=cfg.data.packing),
         train_loader=loader,
         valid_batches=valid_batches,
         tokens_per_step=tc.global_batch_size * tc.seq_len,
         flops_per_token=flops_per_token(prep.model, tc.seq_len),
         config=config,
-        resume_keys=RESUME_KEYS,
-        on_finish=on_finish,
-        loss_tokens=loader.global_loss_tokens,
+        on_finish=export_hook(cfg, cfg.template, run_dir, print_fn),
         on_step_start=lisa.on_step_start if lisa is not None else None,
     )
-    return train_and_close(stage, RunSettings.from_config(cfg), env, run_dir, engine=engine, optimizer=optimizer,
-                           logger=logger, print_fn=print_fn)
+    return train_and_close(stage, cfg, env, run_dir, engine=engine, optimizer=optimizer, logger=logger,
+                           resume=resume, print_fn=print_fn)
 
 
 def main(cfg: SFTConfig, env: DistEnv) -> int:
     """The body of ``launch/sft.py`` after Hydra."""
-    from tanuki.parallel.env import init_distributed, resolve_run_dir
-    from tanuki.pretrain import stdout_and_log
-
-    prep = prepare(cfg, env)
-    init_distributed(env, "nccl" if torch.cuda.is_available() else "gloo")
-    run_dir = resolve_run_dir(cfg.run.dir, "sft", env).resolve()
-    print_fn = stdout_and_log(run_dir) if env.is_main else (lambda *a, **k: None)
-    result = run(prep, env, run_dir, print_fn=print_fn)
-    if env.is_main:
-        print_fn(f"done: step {result.step}, last checkpoint {result.last_checkpoint}")
-    sys.stdout.flush()
-    return 0
+    return plumbing.main(cfg, env, name="sft", prepare=prepare, run=run)
 
 
 def evaluate_exact_match(model_dir: str | Path, eval_path: str | Path, *, max_new_tokens: int = 32,
@@ -308,12 +237,6 @@ def evaluate_exact_match(model_dir: str | Path, eval_path: str | Path, *, max_ne
     The prompt is rendered with the model's own chat template (as a user of the exported model would).
     Returns ``{"correct": n, "total": n, "by_task": {task: [correct, total]}, "predictions": [...]}``.
     """
-    from transformers import AutoTokenizer
-
-    from tanuki.data.sft import exact_match, read_eval_prompts
-    from tanuki.generate import generate
-    from tanuki.hf import import_hf
-
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     model = import_hf(model_dir).eval()
     prompts = read_eval_prompts(eval_path)[:limit]

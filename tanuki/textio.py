@@ -27,6 +27,8 @@ import zlib
 from dataclasses import dataclass, field
 from typing import BinaryIO, Iterable, Iterator, Literal, Optional, Sequence, Union
 
+import zstandard
+
 #: file name endings (after removing a compression suffix) and the format they are read as
 TEXT_SUFFIXES = {".txt": "txt", ".text": "txt", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 #: compression suffixes understood by :func:`open_binary`
@@ -142,13 +144,15 @@ def open_binary(path: Union[str, os.PathLike]) -> BinaryIO:
     if name.endswith(".gz"):
         return gzip.open(path, "rb")
     if name.endswith((".zst", ".zstd")):
-        import zstandard
-
         raw = open(path, "rb")
         # read_across_frames: files written by `zstd` in several frames (or concatenated) read whole.
         reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True, closefd=True)
         return io.BufferedReader(reader, buffer_size=1 << 20)
     return open(path, "rb", buffering=1 << 20)
+
+
+#: what a truncated or corrupt .gz / .zst stream raises while it is read
+_DECOMPRESSION_ERRORS: tuple[type[BaseException], ...] = (EOFError, OSError, zlib.error, zstandard.ZstdError)
 
 
 def _iter_lines(path: pathlib.Path) -> Iterator[tuple[int, int, bytes]]:
@@ -165,21 +169,10 @@ def _iter_lines(path: pathlib.Path) -> Iterator[tuple[int, int, bytes]]:
                         raw = raw[:-1]
                 yield number, offset, raw
                 offset += size
-        except _decompression_errors() as e:
+        except _DECOMPRESSION_ERRORS as e:
             # A truncated or corrupt archive: nothing after this point can be trusted, so this is
             # an error even with on_error="skip".
             raise CorpusError(f"{path}: cannot decompress after line {number} (byte {offset}): {e}") from e
-
-
-def _decompression_errors() -> tuple[type[BaseException], ...]:
-    errors: tuple[type[BaseException], ...] = (EOFError, OSError, zlib.error)
-    try:
-        import zstandard
-
-        errors += (zstandard.ZstdError,)
-    except ImportError:  # pragma: no cover - zstandard is a dependency
-        pass
-    return errors
 
 
 class _Problem(Exception):

@@ -25,34 +25,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from tanuki.checkpoint import (
     CheckpointError,
-    begin_checkpoint,
-    check_compatible,
-    commit_checkpoint,
+    ResumePlan,
     latest_checkpoint,
-    read_state,
-    resolve_checkpoint,
     rng_file,
-    rng_state,
+    save_checkpoint,
     set_rng_state,
-    step_tag,
 )
-from tanuki.config import ConfigError, ParallelConfig, TrainConfig
+from tanuki.config import StageConfig
 from tanuki.metrics import MetricsLogger, format_duration, read_metrics
 from tanuki.optim import Schedule, lr_at
-from tanuki.parallel.env import DistEnv
-from tanuki.parallel.reshard import (
-    check_reshardable,
-    ensure_universal,
-    needs_reshard,
-    repair_optimizer_after_load,
-    topology,
-)
+from tanuki.parallel.env import DistEnv, all_reduce, barrier
+from tanuki.parallel.reshard import ensure_universal, repair_optimizer_after_load, topology
 
 GIB = 1024**3
 
@@ -75,7 +65,6 @@ class Stage:
     """What a stage hands to :func:`train`."""
 
     name: str
-    model: nn.Module
     step_fn: StepFn
     #: yields this rank's micro-batches; has ``state_dict``/``load_state_dict`` (consumed samples)
     train_loader: Any
@@ -86,39 +75,13 @@ class Stage:
     flops_per_token: float
     #: the run's config as plain data: stored in checkpoints and logged to W&B
     config: dict
-    #: config keys that must match a checkpoint to resume from it (sections or dotted keys)
-    resume_keys: tuple[str, ...] = ("model",)
     #: called by rank 0 with the final checkpoint directory after training (e.g. Hugging Face export)
     on_finish: Callable[[Path], None] | None = None
-    #: loss tokens in the next ``n`` micro-steps of all ranks (the loader's position is the start of an
-    #: optimizer step). When given, each micro-batch carries ``loss_normalizer`` so that the summed loss
-    #: of every token of the global batch is divided by the same count (SFT with uneven rows).
-    loss_tokens: Callable[[int], int] | None = None
     #: called with the 0-based index of every optimizer step before its first micro-batch (LISA's
     #: layer sampling counts periods in optimizer steps)
     on_step_start: Callable[[int], None] | None = None
     #: report exp(validation loss) as perplexity (the loss is a per-token cross entropy)
     perplexity: bool = True
-
-
-@dataclass
-class RunSettings:
-    """The sub-configs the loop reads (every stage config has these sections)."""
-
-    train: TrainConfig
-    parallel: ParallelConfig
-    checkpoint_every: int
-    keep_last: int
-    log_every: int
-    peak_tflops: float
-    resume: str
-
-    @classmethod
-    def from_config(cls, cfg) -> "RunSettings":
-        """From a stage config with ``train``, ``parallel``, ``checkpoint``, ``logging`` and ``resume``."""
-        return cls(train=cfg.train, parallel=cfg.parallel, checkpoint_every=cfg.checkpoint.every,
-                   keep_last=cfg.checkpoint.keep_last, log_every=cfg.logging.every,
-                   peak_tflops=cfg.logging.peak_tflops, resume=cfg.resume)
 
 
 @dataclass
@@ -152,24 +115,11 @@ class _StopRequest:
             signal.signal(sig, handler)
 
 
-def _all_reduce(t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=op)
-    return t
-
-
-def _barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
-
-
 def _memory_gib(device: torch.device) -> float:
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device) / GIB
         torch.cuda.reset_peak_memory_stats(device)
         return peak
-    import psutil
-
     return psutil.Process().memory_info().rss / GIB
 
 
@@ -177,56 +127,31 @@ def _to(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-# --------------------------------------------------------------------------------------------------
-# Checkpoints
-# --------------------------------------------------------------------------------------------------
+class Interval:
+    """The statistics of the optimizer steps since the last log line."""
 
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.steps = 0
+        self.tokens = 0
+        self.t0 = time.perf_counter()
 
-def save_checkpoint(engine, root: Path, step: int, state: dict, env: DistEnv, keep_last: int) -> Path:
-    """Write a complete checkpoint of ``step`` (all ranks call this); see tanuki.checkpoint for the layout."""
-    if env.is_main:
-        begin_checkpoint(root, step)
-    _barrier()
-    tag = step_tag(step) + ".partial"
-    engine.save_checkpoint(str(root), tag=tag, save_latest=False)
-    torch.save(rng_state(), root / tag / rng_file(env.rank))
-    _barrier()  # every rank's shards are on disk before the checkpoint becomes visible
-    path = root / step_tag(step)
-    if env.is_main:
-        commit_checkpoint(root, step, state, keep_last)
-    _barrier()
-    return path
+    def add(self, step_sums: dict[str, torch.Tensor], gas: int, tokens: int, skipped: bool) -> None:
+        """One optimizer step: its micro-batch sums of every stat (a skipped step's stats are dropped)."""
+        if not skipped:
+            for k, v in step_sums.items():
+                self.sums[k] = self.sums.get(k, 0.0) + v / gas
+            self.steps += 1
+        self.tokens += tokens
 
-
-def find_resume_checkpoint(resume: str, root: Path) -> Path | None:
-    """The checkpoint to continue from for ``resume`` = auto | never | a path."""
-    if resume == "never":
-        if latest_checkpoint(root) is not None:
-            raise ConfigError("resume", f"resume=never but {root} already holds checkpoints; use a new run.dir")
-        return None
-    if resume == "auto":
-        return latest_checkpoint(root)
-    try:
-        return resolve_checkpoint(resume)
-    except (FileNotFoundError, CheckpointError) as e:
-        raise ConfigError("resume", str(e)) from None
-
-
-def check_resumable(checkpoint: Path, config: dict, resume_keys: tuple[str, ...], env: DistEnv,
-                    parallel: ParallelConfig) -> dict:
-    """The checkpoint's state, after checking it was written by a compatible run (before loading).
-
-    A checkpoint written on another shape (TP size, number of ranks) is accepted when
-    :mod:`tanuki.parallel.reshard` can reshard it on load; otherwise a ConfigError names the key."""
-    state = read_state(checkpoint)
-    check_compatible(state["config"], config, checkpoint, resume_keys)
-    check_reshardable(checkpoint, state, tp=parallel.tp, world_size=env.world_size)
-    return state
-
-
-# --------------------------------------------------------------------------------------------------
-# The loop
-# --------------------------------------------------------------------------------------------------
+    def record(self, device: torch.device, world_size: int) -> tuple[dict[str, float], float]:
+        """The mean of every stat over the interval's applied steps and all ranks, and tokens/s."""
+        keys = sorted(self.sums)
+        packed = torch.stack([torch.as_tensor(self.sums[k], device=device).float() for k in keys]) if keys \
+            else torch.zeros(0, device=device)
+        packed = all_reduce(packed.double()) / world_size
+        means = {k: (v / self.steps if self.steps else float("nan")) for k, v in zip(keys, packed.tolist())}
+        return means, self.tokens / max(time.perf_counter() - self.t0, 1e-9)
 
 
 def evaluate(engine, stage: Stage) -> dict[str, float]:
@@ -247,7 +172,7 @@ def evaluate(engine, stage: Stage) -> dict[str, float]:
     keys = sorted(sums)
     packed = torch.stack([torch.as_tensor(sums[k], device=engine.device).double() for k in keys] +
                          [torch.tensor(float(count), device=engine.device, dtype=torch.float64)])
-    _all_reduce(packed)
+    all_reduce(packed)
     n = packed[-1].clamp(min=1)
     out = {f"val_{k}": (packed[i] / n).item() for i, k in enumerate(keys)}
     if stage.perplexity:
@@ -255,90 +180,78 @@ def evaluate(engine, stage: Stage) -> dict[str, float]:
     return out
 
 
+def load_resume(plan: ResumePlan, stage: Stage, env: DistEnv, run_dir: Path, *, engine, optimizer,
+                logger: MetricsLogger | None) -> str:
+    """Load the checkpoint of ``plan`` into the engine, the loader and the RNGs; replay the metrics W&B
+    may have lost to a kill. Returns a description for the log."""
+    load_from = plan.checkpoint
+    if plan.universal:
+        # Written on another TP/DP shape: load DeepSpeed's universal form of it (made once, by rank 0).
+        load_from = ensure_universal(plan.checkpoint, env.is_main, engine.device)
+    load_path, _ = engine.load_checkpoint(
+        str(load_from.parent), tag=load_from.name, load_optimizer_states=True, load_lr_scheduler_states=False
+    )
+    if load_path is None:
+        raise CheckpointError(f"{plan.checkpoint}: DeepSpeed found no model states to load")
+    if plan.universal:
+        repair_optimizer_after_load(optimizer, load_from)
+    state = plan.state
+    stage.train_loader.load_state_dict(state["loader"])
+    rng_path = plan.checkpoint / rng_file(env.rank)
+    if state["world_size"] == env.world_size and rng_path.is_file():
+        set_rng_state(torch.load(rng_path, weights_only=False))
+    if logger is not None and (run_dir / "metrics.jsonl").is_file():
+        logger.replay([r for r in read_metrics(run_dir / "metrics.jsonl") if r["step"] <= state["step"]])
+    tp, world = topology(state)
+    resharded = f", resharded from tp={tp} on {world} ranks" if plan.universal else ""
+    return (f"resumed from {plan.checkpoint} at step {state['step']} "
+            f"({stage.train_loader.state_dict()['consumed_samples']:,} samples consumed{resharded})")
+
+
 def train(
     stage: Stage,
-    run: RunSettings,
+    cfg: StageConfig,
     env: DistEnv,
     run_dir: Path,
     *,
     engine,
     optimizer,
     logger: MetricsLogger | None,
+    resume: ResumePlan | None = None,
     print_fn: Callable[[str], None] = print,
 ) -> TrainResult:
-    """Train ``engine`` (wrapping ``stage.model``) to ``run.train.total_steps()``; see the module docstring.
+    """Train ``engine`` to ``cfg.train.total_steps()``, continuing from ``resume``; see the module docstring.
 
     ``logger`` is given on rank 0 only. Returns where the run ended.
     """
-    tc = run.train
+    tc = cfg.train
     total_steps = tc.total_steps()
-    schedule = Schedule(
-        lr=tc.lr,
-        min_lr=tc.min_lr,
-        warmup_steps=tc.warmup_steps,
-        max_steps=total_steps,
-        kind=tc.schedule,
-        decay_fraction=tc.decay_fraction,
-        decay_shape=tc.decay_shape,
-    )
+    schedule = Schedule(lr=tc.lr, min_lr=tc.min_lr, warmup_steps=tc.warmup_steps, max_steps=total_steps,
+                        kind=tc.schedule, decay_fraction=tc.decay_fraction, decay_shape=tc.decay_shape)
     gas = engine.gradient_accumulation_steps()
     ckpt_root = run_dir / "checkpoints"
+    device = engine.device
 
     # -- resume -----------------------------------------------------------------------------------
     step, skipped_total = 0, 0
-    resume_from = find_resume_checkpoint(run.resume, ckpt_root)
-    if resume_from is not None:
-        state = check_resumable(resume_from, stage.config, stage.resume_keys, env, run.parallel)
-        load_from = resume_from
-        if needs_reshard(state, tp=run.parallel.tp, world_size=env.world_size):
-            # Written on another TP/DP shape: load DeepSpeed's universal form of it (made once, by rank 0).
-            if not engine.load_universal_checkpoint():
-                raise ConfigError(
-                    "parallel.tp",
-                    f"{resume_from} was written with tp={topology(state)[0]} on {topology(state)[1]} ranks; resharding "
-                    f"it needs an engine built with load_universal=True (tanuki.parallel.zero.build_engine)",
-                )
-            load_from = ensure_universal(resume_from, env.is_main, engine.device)
-        load_path, _ = engine.load_checkpoint(
-            str(load_from.parent), tag=load_from.name, load_optimizer_states=True, load_lr_scheduler_states=False
-        )
-        if load_path is None:
-            raise CheckpointError(f"{resume_from}: DeepSpeed found no model states to load")
-        if load_from != resume_from:
-            repair_optimizer_after_load(optimizer, load_from)
-        step, skipped_total = state["step"], state["skipped_steps"]
-        stage.train_loader.load_state_dict(state["loader"])
-        rng_path = resume_from / rng_file(env.rank)
-        if state["world_size"] == env.world_size and rng_path.is_file():
-            set_rng_state(torch.load(rng_path, weights_only=False))
-        if logger is not None and (run_dir / "metrics.jsonl").is_file():
-            logger.replay([r for r in read_metrics(run_dir / "metrics.jsonl") if r["step"] <= step])
-        resharded = f", resharded from tp={topology(state)[0]} on {topology(state)[1]} ranks" if load_from != resume_from else ""
-        print_fn(f"resumed from {resume_from} at step {step} ({stage.train_loader.state_dict()['consumed_samples']:,} "
-                 f"samples consumed{resharded})")
+    if resume is not None:
+        print_fn(load_resume(resume, stage, env, run_dir, engine=engine, optimizer=optimizer, logger=logger))
+        step, skipped_total = resume.state["step"], resume.state["skipped_steps"]
     if step >= total_steps:
         print_fn(f"nothing to do: the checkpoint is at step {step} and train.max_steps is {total_steps}")
 
     def state_dict() -> dict:
-        return {
-            "stage": stage.name,
-            "step": step,
-            "skipped_steps": skipped_total,
-            "loader": stage.train_loader.state_dict(),
-            "world_size": env.world_size,
-            "zero_stage": run.parallel.zero_stage,
-            "config": stage.config,
-            "time": time.strftime("%Y-%m-%d %H:%M:%S"),
-        }
+        return {"stage": stage.name, "step": step, "skipped_steps": skipped_total,
+                "loader": stage.train_loader.state_dict(), "world_size": env.world_size,
+                "zero_stage": cfg.parallel.zero_stage, "config": stage.config, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
 
     # -- train ------------------------------------------------------------------------------------
     stop = _StopRequest()
     batches = iter(stage.train_loader)
-    device = engine.device
     last_ckpt = latest_checkpoint(ckpt_root)
     history: list[dict] = []
     consecutive_skips = 0
-    interval = {"sum": {}, "steps": 0, "skipped": 0, "t0": time.perf_counter(), "tokens": 0}
+    interval = Interval()
     start_step, t_start = step, time.perf_counter()
     engine.train()
     try:
@@ -352,17 +265,8 @@ def train(
             # Gradient accumulation: DeepSpeed sums the micro-batch gradients and steps on the last.
             sums: dict[str, torch.Tensor] = {}
             optimizer.skipped = False
-            normalizer = None
-            if stage.loss_tokens is not None:
-                # DeepSpeed divides each micro-batch loss by the accumulation steps and averages the
-                # gradients over the data-parallel ranks; undo both so the global token count rules.
-                dp = env.world_size // run.parallel.tp
-                normalizer = max(stage.loss_tokens(gas), 1) / (gas * dp)
             for _ in range(gas):
-                batch = _to(next(batches), device)
-                if normalizer is not None:
-                    batch["loss_normalizer"] = normalizer
-                out = stage.step_fn(engine, batch)
+                out = stage.step_fn(engine, _to(next(batches), device))
                 engine.backward(out.loss)
                 engine.step()
                 for k, v in out.stats.items():
@@ -380,41 +284,20 @@ def train(
                     f"skipped (train.max_skipped_steps={tc.max_skipped_steps}); the last complete checkpoint is "
                     f"{last_ckpt}. Lower train.lr, raise train.warmup_steps or check the data, then resume."
                 )
-            if not skipped:
-                for k, v in sums.items():
-                    interval["sum"][k] = interval["sum"].get(k, 0.0) + v / gas
-                interval["steps"] += 1
-            interval["skipped"] += int(skipped)
-            interval["tokens"] += stage.tokens_per_step
+            interval.add(sums, gas, stage.tokens_per_step, skipped)
 
             # -- log ----------------------------------------------------------------------------
-            if step % run.log_every == 0 or step == total_steps:
-                keys = sorted(interval["sum"])
-                packed = torch.stack([torch.as_tensor(interval["sum"][k], device=device).float() for k in keys]) if keys else torch.zeros(0, device=device)
-                packed = _all_reduce(packed.double()) / env.world_size
-                elapsed = time.perf_counter() - interval["t0"]
-                tokens_per_s = interval["tokens"] / max(elapsed, 1e-9)
+            if step % cfg.logging.every == 0 or step == total_steps:
+                means, tokens_per_s = interval.record(device, env.world_size)
                 tflops = stage.flops_per_token * tokens_per_s / env.world_size / 1e12
-                record = {
-                    "step": step,
-                    "tokens": stage.train_loader.state_dict()["consumed_samples"] * stage.tokens_per_step // tc.global_batch_size,
-                }
-                n = max(interval["steps"], 1)
-                for k, v in zip(keys, packed.tolist()):
-                    record[k] = v / n if interval["steps"] else float("nan")
+                consumed = stage.train_loader.state_dict()["consumed_samples"]
                 grad_norm = engine.get_global_grad_norm()
-                record.update(
-                    lr=lr,
-                    grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
-                    tokens_per_s=tokens_per_s,
-                    tflops=tflops,
-                    mfu=tflops / run.peak_tflops,
-                    mem_gib=_memory_gib(device),
-                    skipped=skipped_total,
-                    elapsed_s=time.perf_counter() - t_start,
-                )
-                done = step - start_step
-                eta = (time.perf_counter() - t_start) / max(done, 1) * (total_steps - step)
+                record = {"step": step, "tokens": consumed * stage.tokens_per_step // tc.global_batch_size, **means,
+                          "lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                          "tokens_per_s": tokens_per_s, "tflops": tflops, "mfu": tflops / cfg.logging.peak_tflops,
+                          "mem_gib": _memory_gib(device), "skipped": skipped_total,
+                          "elapsed_s": time.perf_counter() - t_start}
+                eta = (time.perf_counter() - t_start) / max(step - start_step, 1) * (total_steps - step)
                 line = (
                     f"step {step}/{total_steps} | loss {record.get('loss', float('nan')):.4f} | lr {lr:.2e} | "
                     f"gnorm {record['grad_norm']:.3f} | {tokens_per_s:,.0f} tok/s | {tflops:.3g} TFLOP/s/dev | "
@@ -425,12 +308,10 @@ def train(
                 if logger is not None:
                     logger.log(record, line)
                 history.append(record)
-                interval = {"sum": {}, "steps": 0, "skipped": 0, "t0": time.perf_counter(), "tokens": 0}
+                interval = Interval()
 
             # -- validate -----------------------------------------------------------------------
-            if stage.valid_batches is not None and (
-                (tc.eval_every and step % tc.eval_every == 0) or step == total_steps
-            ):
+            if stage.valid_batches is not None and ((tc.eval_every and step % tc.eval_every == 0) or step == total_steps):
                 val = evaluate(engine, stage)
                 record = {"step": step, "tokens": history[-1]["tokens"] if history else 0, **val}
                 if logger is not None:
@@ -441,53 +322,32 @@ def train(
                 history.append(record)
 
             # -- checkpoint ---------------------------------------------------------------------
-            flag = _all_reduce(torch.tensor(float(stop.requested), device=device), op=dist.ReduceOp.MAX)
-            stopping = bool(flag.item())
-            if step % run.checkpoint_every == 0 or step == total_steps or stopping:
-                last_ckpt = save_checkpoint(engine, ckpt_root, step, state_dict(), env, run.keep_last)
+            stopping = bool(all_reduce(torch.tensor(float(stop.requested), device=device), op=dist.ReduceOp.MAX).item())
+            if step % cfg.checkpoint.every == 0 or step == total_steps or stopping:
+                last_ckpt = save_checkpoint(engine, ckpt_root, step, state_dict(), env, cfg.checkpoint.keep_last)
                 print_fn(f"step {step}/{total_steps} | checkpoint {last_ckpt}")
             if stopping:
-                print_fn(f"step {step}/{total_steps} | stop requested by a signal: checkpoint written, exiting (resume=auto continues)")
+                print_fn(f"step {step}/{total_steps} | stop requested by a signal: checkpoint written, exiting "
+                         "(resume=auto continues)")
                 return TrainResult(step, skipped_total, last_ckpt, history, stopped_by_signal=True)
     finally:
         stop.restore()
 
     if last_ckpt is not None and stage.on_finish is not None and env.is_main:
         stage.on_finish(last_ckpt)
-    _barrier()
+    barrier()
     return TrainResult(step, skipped_total, last_ckpt, history)
 
 
-def train_and_close(stage: Stage, run: RunSettings, env: DistEnv, run_dir: Path, *, engine, optimizer,
-                    logger: MetricsLogger | None, print_fn: Callable[[str], None] = print) -> TrainResult:
+def train_and_close(stage: Stage, cfg: StageConfig, env: DistEnv, run_dir: Path, *, engine, optimizer,
+                    logger: MetricsLogger | None, resume: ResumePlan | None = None,
+                    print_fn: Callable[[str], None] = print) -> TrainResult:
     """:func:`train`, then close the logger (W&B flushes) and wait for every rank."""
     try:
-        result = train(stage, run, env, run_dir, engine=engine, optimizer=optimizer, logger=logger, print_fn=print_fn)
+        result = train(stage, cfg, env, run_dir, engine=engine, optimizer=optimizer, logger=logger, resume=resume,
+                       print_fn=print_fn)
     finally:
         if logger is not None:
             logger.close()
-    _barrier()
+    barrier()
     return result
-
-
-def write_run_files(config: dict, tokenizer_dir: str | None, run_dir: Path) -> None:
-    """(Rank 0) the resolved config and a copy of the tokenizer, so the run dir is self-contained."""
-    import shutil
-    import tempfile
-
-    from omegaconf import OmegaConf
-
-    from tanuki.hf import copy_tokenizer_files
-
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / ".config.yaml.tmp"
-    tmp.write_text(OmegaConf.to_yaml(OmegaConf.create(config)))
-    tmp.replace(run_dir / "config.yaml")
-    if tokenizer_dir and not (run_dir / "tokenizer").is_dir():
-        tmp_tok = Path(tempfile.mkdtemp(prefix=".tokenizer.", dir=run_dir))
-        try:
-            copy_tokenizer_files(tokenizer_dir, tmp_tok)
-            tmp_tok.replace(run_dir / "tokenizer")
-        except BaseException:
-            shutil.rmtree(tmp_tok, ignore_errors=True)
-            raise

@@ -36,15 +36,18 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Literal, Mapping, Optional
 
 import torch
+from huggingface_hub import split_torch_state_dict_into_shards
+from huggingface_hub.serialization._base import parse_size_to_int
+from safetensors.torch import load_file, save_file
 
 from tanuki.config import ConfigError
-from tanuki.hf import HFFormatError, _weight_files, read_hf_config
+from tanuki.fileio import open_safetensors, read_json, replacing_dir
+from tanuki.hf import HFFormatError, read_hf_config, weight_files
 
 #: the record of a weight diff, beside its config.json
 MANIFEST_FILE = "weight_diff.json"
@@ -106,8 +109,6 @@ class WeightDiffConfig:
             _check_output(self.output, [p for p in (self.raw, self.tuned, self.diff) if p is not None])
         except WeightDiffError as e:
             raise ConfigError("output", str(e)) from None
-        from huggingface_hub.serialization._base import parse_size_to_int
-
         try:
             parse_size_to_int(self.max_shard_size)
         except ValueError:
@@ -194,8 +195,6 @@ class _Weights:
     """The tensors of a Hugging Face directory by name, read one at a time (memory-mapped)."""
 
     def __init__(self, path: Path, role: str):
-        from safetensors import SafetensorError, safe_open
-
         self.path, self.role = path, role
         if not path.is_dir():
             raise HFFormatError(f"{role}={path}: not a directory (expected a Hugging Face model directory)")
@@ -205,11 +204,8 @@ class _Weights:
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.dtypes: dict[str, str] = {}  # safetensors dtype code (BF16, F32, ...)
         self._handles = {}
-        for f in _weight_files(path):
-            try:
-                fh = safe_open(str(f), framework="pt")
-            except (SafetensorError, OSError) as e:
-                raise HFFormatError(f"{f}: not a readable safetensors file ({e})") from None
+        for f in weight_files(path):
+            fh = open_safetensors(f, HFFormatError)
             self._handles[f.name] = fh
             self.metadata[f.name] = dict(fh.metadata() or {})
             self.files[f.name] = list(fh.keys())
@@ -269,17 +265,9 @@ def _check_output(output: str | os.PathLike, inputs: Iterable[str | os.PathLike]
             raise WeightDiffError(f"{output} would replace the input directory {p}; write the output elsewhere")
 
 
-def _prepare_output(output: Path, overwrite: bool) -> Path:
+def _check_replaceable(output: Path, overwrite: bool) -> None:
     if output.exists() and (not output.is_dir() or (not overwrite and any(output.iterdir()))):
         raise FileExistsError(f"{output} exists and is not empty (pass overwrite=true to replace it)")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
-
-
-def _finish_output(tmp: Path, output: Path) -> None:
-    if output.exists():
-        shutil.rmtree(output)
-    os.replace(tmp, output)
 
 
 def _copy_other_files(src: Path, dst: Path, skip: set[str]) -> list[str]:
@@ -319,9 +307,6 @@ def make_diff(
     model's own shard layout, its per-tensor dtypes and SHA-256 and the raw and tuned :func:`checksum`
     go into ``weight_diff.json``. Written under a temporary name and renamed into place when complete.
     """
-    from huggingface_hub import split_torch_state_dict_into_shards
-    from safetensors.torch import save_file
-
     log = log or (lambda _msg: None)
     raw, tuned, output = Path(raw), Path(tuned), Path(output)
     _check_output(output, [raw, tuned])
@@ -338,8 +323,8 @@ def make_diff(
     meta = {n: torch.empty(tuned_w.shapes[n], dtype=diff_dtype(tuned_dtypes[n]), device="meta") for n in order}
     split = split_torch_state_dict_into_shards(meta, max_shard_size=max_shard_size)
 
-    tmp = _prepare_output(output, overwrite)
-    try:
+    _check_replaceable(output, overwrite)
+    with replacing_dir(output) as tmp:
         tensors, fixups, raw_entries = {}, {}, []
         for filename, names in split.filename_to_tensors.items():
             shard = {}
@@ -391,10 +376,6 @@ def make_diff(
             "tensors": {n: tensors[n] for n in order},
         }
         _write_json(tmp / MANIFEST_FILE, manifest)
-        _finish_output(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log(f"diff of {len(order)} tensors written to {output} (also copied: {', '.join(copied) or 'nothing'})")
     log(f"raw checksum   {manifest['raw_checksum']}")
     log(f"tuned checksum {manifest['tuned_checksum']}")
@@ -411,10 +392,7 @@ def read_manifest(diff: str | os.PathLike) -> dict:
         raise HFFormatError(f"diff={diff}: not a directory")
     if not path.is_file():
         raise HFFormatError(f"{path}: missing (not a weight diff written by launch/weight_diff.py mode=make)")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise HFFormatError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    manifest = read_json(path, HFFormatError)
     if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
         raise HFFormatError(f"{path}: not a {FORMAT} version {VERSION} record")
     return manifest
@@ -423,8 +401,6 @@ def read_manifest(diff: str | os.PathLike) -> dict:
 def _load_fixups(diff: Path, manifest: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     if not manifest["fixups"]:
         return {}
-    from safetensors.torch import load_file
-
     path = diff / FIXUPS_FILE
     if not path.is_file():
         raise HFFormatError(f"{path}: missing ({MANIFEST_FILE} records {manifest['fixups']} fixed-up elements)")
@@ -457,8 +433,6 @@ def recover(
     recovery with :class:`WeightDiffError` (the raw model is almost certainly another one: both raw
     checksums are in the message) and nothing is left at ``output``.
     """
-    from safetensors.torch import save_file
-
     log = log or (lambda _msg: None)
     raw, diff, output = Path(raw), Path(diff), Path(output)
     _check_output(output, [raw, diff])
@@ -484,8 +458,8 @@ def recover(
             f"nothing was written to {output}"
         )
 
-    tmp = _prepare_output(output, overwrite)
-    try:
+    _check_replaceable(output, overwrite)
+    with replacing_dir(output) as tmp:
         entries, raw_entries = [], []
         for filename, record in manifest["tuned_files"].items():
             names, shard = record["tensors"], {}
@@ -511,10 +485,6 @@ def recover(
         config.update(manifest["config_dtypes"])  # the tuned model's own dtype entries
         _write_json(tmp / "config.json", config)
         _copy_other_files(diff, tmp, skip={"config.json", MANIFEST_FILE, FIXUPS_FILE})
-        _finish_output(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     if _combine(raw_entries) != manifest["raw_checksum"]:
         log(f"note: raw={raw} differs from the raw model the diff was made against (same values in another "
             "dtype or sharding?), but every recovered tensor matches the tuned model")

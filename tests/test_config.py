@@ -150,3 +150,38 @@ def test_pad_vocab_size_matches_megatron():
     assert pad_vocab_size(99574, tp=2) == 99584
     assert pad_vocab_size(4000) == 4096
     assert pad_vocab_size(4096) == 4096
+
+
+def _differences(a, b, prefix=""):
+    """Dotted keys whose values differ between two plain config dicts."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            key = f"{prefix}.{k}" if prefix else str(k)
+            if k not in a or k not in b:
+                out.append(f"{key}: only in {'conf/' if k in a else 'the dataclass'}")
+            else:
+                out.extend(_differences(a[k], b[k], key))
+        return out
+    return [] if a == b else [f"{prefix}: conf/ says {a!r}, the dataclass default is {b!r}"]
+
+
+@pytest.mark.parametrize("name", sorted(SCHEMAS))
+def test_conf_values_are_the_dataclass_defaults(name):
+    """The dataclasses are the one source of truth for defaults; conf/*.yaml lists every key (so it can
+    be overridden on the command line and read as documentation) with exactly those values."""
+    ref, overrides = SCHEMAS[name]
+    cls = _load_schema(ref)
+    composed = to_dict(from_dict(cls, compose(name, overrides)))
+    required = OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides)))
+    defaults = to_dict(from_dict(cls, required))
+    diffs = _differences(composed, defaults)
+    assert not diffs, f"conf/{name}.yaml contradicts {ref}:\n  " + "\n  ".join(diffs)
+
+
+def test_the_defaults_test_sees_a_contradiction(tmp_path):
+    """The oracle of the test above: a conf value that differs from its dataclass is reported by key."""
+    composed = to_dict(from_dict(PretrainConfig, compose("pretrain", ["train.lr=1e-3"])))
+    assert _differences(composed, to_dict(PretrainConfig())) == [
+        "train.lr: conf/ says 0.001, the dataclass default is 0.0003"
+    ]

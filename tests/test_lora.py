@@ -262,13 +262,12 @@ def test_config_errors_name_the_key():
 
 
 def test_tensor_parallel_models_and_double_application_are_refused(base):
-    from types import SimpleNamespace
-
     model = base_model(base)
-    model.tp_groups = SimpleNamespace(tp=2)
-    with pytest.raises(ValueError, match=r"tensor parallelism \(tp=2\) is not supported"):
+    shard = model.layers[0].attn.wq.weight
+    shard.tensor_model_parallel = True  # what apply_tensor_parallel marks its shards with
+    with pytest.raises(ValueError, match=r"tensor parallelism \(a model sharded over parallel.tp > 1 ranks\) is not supported"):
         apply_lora(model, LoraConfig())
-    model.tp_groups = SimpleNamespace(tp=1)
+    del shard.tensor_model_parallel
     apply_lora(model, LoraConfig())
     with pytest.raises(ValueError, match="already has LoRA"):
         apply_lora(model, LoraConfig())

@@ -6,13 +6,8 @@ import zlib
 
 import pytest
 
-from tanuki.metrics import (
-    MetricsLogger,
-    WandbConfig,
-    find_wandb_files,
-    format_duration,
-    read_wandb_history,
-)
+from tanuki.metrics import MetricsLogger, WandbConfig, format_duration
+from wandb_reader import find_wandb_files, read_wandb_history
 
 
 def _log_some(run_dir, steps, start=0, **kw):

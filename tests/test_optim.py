@@ -5,9 +5,10 @@ import math
 import pytest
 import torch
 
-from tanuki.config import ModelConfig
+from tanuki.config import ModelConfig, ParallelConfig, TrainConfig
 from tanuki.model import build_model
 from tanuki.optim import Schedule, build_optimizer, lr_at, param_groups
+from tanuki.parallel import zero
 
 
 def test_cosine_schedule_warmup_peak_and_floor():
@@ -67,11 +68,14 @@ def test_frozen_parameters_are_left_out():
     assert not any(n.startswith("layers.0.") for n in names)
 
 
-def test_adamw_step_leaves_no_decay_parameters_undecayed():
-    """With zero gradients, AdamW changes only the decayed weights (by lr * wd * w)."""
+@pytest.mark.parametrize("optimizer_class", [torch.optim.AdamW, zero.GuardedAdamW])
+def test_adamw_step_leaves_no_decay_parameters_undecayed(optimizer_class):
+    """With zero gradients, AdamW changes only the decayed weights (by lr * wd * w); so does the
+    engine's GuardedAdamW (the gradients are finite)."""
     model = build_model(ModelConfig(n_layers=1, dim=16, n_heads=2, n_kv_heads=1, ffn_dim=32, vocab_size=64))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    opt = build_optimizer(model, lr=0.1, weight_decay=0.5)
+    opt = build_optimizer(model, lr=0.1, weight_decay=0.5, optimizer_class=optimizer_class)
+    assert type(opt) is optimizer_class
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
     opt.step()
@@ -80,3 +84,30 @@ def test_adamw_step_leaves_no_decay_parameters_undecayed():
             assert torch.equal(p, before[n]), n
         else:
             torch.testing.assert_close(p, before[n] * (1 - 0.1 * 0.5))
+
+
+def test_the_engine_hands_deepspeed_build_optimizers_guarded_adamw(monkeypatch):
+    """build_engine's client optimizer: GuardedAdamW over param_groups, with the run's hyperparameters."""
+    import deepspeed
+
+    model = build_model(ModelConfig(n_layers=2, dim=32, n_heads=2, n_kv_heads=1, ffn_dim=64, vocab_size=128))
+    train = TrainConfig(lr=1e-3, weight_decay=0.05, betas=(0.8, 0.9), eps=1e-6, decay_embeddings=True)
+    handed = {}
+
+    def initialize(*, model, optimizer, config, mpu, dist_init_required):
+        handed.update(model=model, optimizer=optimizer, config=config)
+        return "engine", optimizer, None, None
+
+    monkeypatch.setattr(deepspeed, "initialize", initialize)
+    engine, opt = zero.build_engine(model, train, ParallelConfig(zero_stage=1), dp_size=1, bf16=False)
+    assert engine == "engine" and handed["model"] is model and handed["optimizer"] is opt
+    assert type(opt) is zero.GuardedAdamW and not opt.skipped
+    expected = param_groups(model.named_parameters(), 0.05, decay_embeddings=True)
+    assert [[id(p) for p in g["params"]] for g in opt.param_groups] == [
+        [id(p) for p in g["params"]] for g in expected
+    ]
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.05, 0.0]
+    assert "embed.weight" in expected[0]["names"]
+    for g in opt.param_groups:
+        assert (g["lr"], g["betas"], g["eps"]) == (1e-3, (0.8, 0.9), 1e-6)
+        assert "names" not in g

@@ -10,6 +10,7 @@ import runpy
 import numpy as np
 import pytest
 import torch
+from conftest import REPO
 
 from tanuki.config import ConfigError, ModelConfig, from_dict
 from tanuki.data.preference import (
@@ -31,7 +32,7 @@ from tanuki.data.preference import (
     tokenize_pairs,
     truncate_pairs,
 )
-from tanuki.data.sft import read_eval_prompts
+from tanuki.data.records import read_eval_prompts
 from tanuki.losses import IGNORE_INDEX
 from tanuki.model import build_model
 from tanuki.tokenizer import load, sample_data_path
@@ -394,21 +395,6 @@ def test_last_partial_step_is_filled_and_masked_without_drop_last(bundled_pairs)
     assert index.tolist() == list(range(10)) + [0, 1] and mask.tolist() == [1] * 10 + [0, 0]
 
 
-def test_global_chosen_tokens_counts_the_whole_step(bundled_pairs):
-    ds = PreferenceDataset(bundled_pairs, seed=3)
-    accum, dp = 3, 2
-    loaders = [PreferenceDataLoader(ds, micro_batch_size=2, dp_rank=r, dp_size=dp, consumed_samples=8) for r in range(dp)]
-    expected = loaders[0].global_chosen_tokens(accum)
-    assert expected == loaders[1].global_chosen_tokens(accum)
-    counted = 0
-    for loader in loaders:
-        it = iter(loader)
-        for _ in range(accum):
-            labels = next(it)["labels"]
-            counted += int((labels[:2] != IGNORE_INDEX).sum())  # the chosen rows
-    assert counted == expected > 0
-
-
 # --------------------------------------------------------------------------------------------------
 # Config and the whole pipeline
 # --------------------------------------------------------------------------------------------------
@@ -465,7 +451,7 @@ def test_split_is_seeded_and_disjoint():
 
 @pytest.fixture(scope="module")
 def make_dpo():
-    return runpy.run_path(str(sample_data_path("make_dpo.py")))
+    return runpy.run_path(str(REPO / "scripts" / "sample_data" / "make_dpo.py"))
 
 
 def test_make_dpo_is_deterministic_and_matches_the_bundled_files(tmp_path, make_dpo):

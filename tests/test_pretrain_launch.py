@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, tiny_train_overrides
-
-from tanuki.metrics import find_wandb_files, read_wandb_history
+from wandb_reader import find_wandb_files, read_wandb_history
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 

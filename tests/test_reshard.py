@@ -68,7 +68,7 @@ def test_unsupported_reshards_fail_before_anything_is_built(tiny_corpus, tmp_pat
     from tanuki.config import to_dict
     from tanuki.parallel.env import DistEnv
     from tanuki.pretrain import RESUME_KEYS
-    from tanuki.train import check_resumable
+    from tanuki.checkpoint import check_resumable
 
     def checkpoint(name, zero_stage, tp, world_size):
         cfg = from_dict(PretrainConfig, compose("pretrain", tiny_train_overrides(

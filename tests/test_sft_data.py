@@ -8,28 +8,25 @@ import runpy
 import numpy as np
 import pytest
 import torch
+from conftest import REPO
 
 from tanuki.config import ConfigError, ModelConfig, from_dict
+from tanuki.data.records import Conversation, SFTDataError, exact_match, read_eval_prompts, split_conversations
 from tanuki.data.sft import (
     BATCH_KEYS,
-    Conversation,
     SFTDataConfig,
-    SFTDataError,
     SFTDataLoader,
     SFTDataset,
     SFTSample,
     SFTStats,
     build_sft_datasets,
     count_loss_tokens,
-    exact_match,
     first_fit,
     fit_to_length,
     make_row,
     pack,
     pack_plan,
     read_conversations,
-    read_eval_prompts,
-    split_conversations,
     tokenize_conversations,
 )
 from tanuki.losses import IGNORE_INDEX, causal_lm_loss
@@ -385,6 +382,53 @@ def test_global_loss_tokens_counts_the_whole_step(samples):
     assert counted == expected > 0
 
 
+def test_loader_loss_normalizer_is_the_step_formula_and_survives_resume(samples):
+    # uneven rows (packed samples of different lengths), 2 data-parallel ranks, 3 accumulation steps
+    ds = SFTDataset(samples, 128, seed=5)
+    mbs, gas, dp = 2, 3, 2
+    per_step = mbs * dp * gas
+    assert len({ds.loss_tokens(i) for i in range(len(ds))}) > 1
+    assert len(ds) // per_step >= 4
+
+    def loop(loader, steps):
+        """What the training loop computed: at the start of each optimizer step
+        max(stage.loss_tokens(gas), 1) / (gas * dp), with stage.loss_tokens = loader.global_loss_tokens;
+        returns it with the normalisers the loader attached to the step's micro-batches."""
+        it = iter(loader)
+        out = []
+        for _ in range(steps):
+            want = max(loader.global_loss_tokens(gas), 1) / (gas * dp)
+            out.append((want, [next(it)["loss_normalizer"] for _ in range(gas)]))
+        return out
+
+    for rank in range(dp):
+        def make(**kw):
+            return SFTDataLoader(ds, micro_batch_size=mbs, dp_rank=rank, dp_size=dp, **kw)
+
+        loader = make(grad_accumulation=gas)
+        first = loop(loader, 2)
+        assert loader.state_dict() == {"consumed_samples": 2 * per_step}
+        # a checkpoint after 2 optimizer steps: the resumed loader goes on with the steps' normalisers
+        resumed = make(grad_accumulation=gas)
+        resumed.load_state_dict(loader.state_dict())
+        rest = loop(resumed, 2)
+        for k, (want, got) in enumerate(first + rest):
+            start = k * per_step
+            assert want == max(ds.loss_tokens_between(start, start + per_step), 1) / (gas * dp)
+            assert got == [want] * gas and all(type(x) is float for x in got)
+        assert len({want for want, _ in first + rest}) > 1
+        # ... and when built at that position; the rows are those of a loader without the normaliser
+        assert loop(make(grad_accumulation=gas, consumed_samples=2 * per_step), 2) == rest
+        for a, b in zip(make(grad_accumulation=gas, consumed_samples=2 * per_step), make(consumed_samples=2 * per_step)):
+            assert "loss_normalizer" not in b and all(torch.equal(a[k], b[k]) for k in BATCH_KEYS)
+
+    # the steps are counted from where the loader starts, as the loop counted them
+    assert all(got == [want] * gas for want, got in loop(
+        SFTDataLoader(ds, micro_batch_size=mbs, dp_size=dp, grad_accumulation=gas, consumed_samples=4), 3))
+    with pytest.raises(ValueError, match="grad_accumulation"):
+        SFTDataLoader(ds, micro_batch_size=mbs, grad_accumulation=0)
+
+
 # --------------------------------------------------------------------------------------------------
 # Config and the whole pipeline
 # --------------------------------------------------------------------------------------------------
@@ -423,7 +467,7 @@ def test_bundled_eval_prompts_are_held_out(bundled):
 
 
 def test_make_sft_is_deterministic_and_matches_the_bundled_files(tmp_path):
-    make_sft = runpy.run_path(str(sample_data_path("make_sft.py")))
+    make_sft = runpy.run_path(str(REPO / "scripts" / "sample_data" / "make_sft.py"))
     train, evals = make_sft["generate"]()
     make_sft["write_jsonl"](tmp_path / "sft.jsonl", train)
     make_sft["write_jsonl"](tmp_path / "sft_eval.jsonl", evals)

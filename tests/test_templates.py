@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from tanuki.config import ConfigError
-from tanuki.data.sft import alpaca_to_messages
+from tanuki.data.records import alpaca_to_messages
 from tanuki.tokenizer import load
 from tanuki.tokenizer.templates import (
     JAPANESE_ALPACA_SYSTEM,

@@ -37,7 +37,7 @@ def layers_on_rank(rank, world, sp):
     from tanuki.losses import causal_lm_loss
     from tanuki.model import build_model
     from tanuki.parallel.comm import scatter_to_sequence
-    from tanuki.parallel.tensor_parallel import apply_tensor_parallel
+    from tanuki.parallel.tensor_parallel import apply_tensor_parallel, vocab_parallel_slice
 
     groups = _groups(world)
     model = apply_tensor_parallel(build_model(ODD, seed=3), groups, sp)
@@ -63,7 +63,7 @@ def layers_on_rank(rank, world, sp):
     labels[0, :3] = -100
     rows = ODD.vocab_size // world
     local = logits[..., rank * rows:(rank + 1) * rows].clone().requires_grad_()
-    loss = causal_lm_loss(local, labels, vocab_limit=VOCAB_LIMIT, z_loss=0.1, vocab_parallel=model.vocab_parallel)
+    loss = causal_lm_loss(local, labels, vocab_limit=VOCAB_LIMIT, z_loss=0.1, vocab_parallel=vocab_parallel_slice(model, groups))
     loss.loss.backward()
     out["ce"] = (loss.loss.detach(), loss.ce, local.grad)
     return out
@@ -136,14 +136,16 @@ def model_grads(rank, world, tp, sp, kernels="torch"):
     from tanuki.fused import apply_kernels
     from tanuki.losses import causal_lm_loss
     from tanuki.model import build_model
-    from tanuki.parallel.tensor_parallel import apply_tensor_parallel
+    from tanuki.parallel.tensor_parallel import apply_tensor_parallel, vocab_parallel_slice
 
     model = apply_kernels(build_model(ODD, seed=0), kernels)  # the order the training builder uses
+    vocab_parallel = None
     if tp > 1:
         model = apply_tensor_parallel(model, _groups(tp), sp)
+        vocab_parallel = vocab_parallel_slice(model, _groups(tp))
     tokens = torch.randint(0, VOCAB_LIMIT, (2, 17), generator=torch.Generator().manual_seed(1))
     out = causal_lm_loss(model(tokens[:, :-1]), tokens[:, 1:], vocab_limit=VOCAB_LIMIT, z_loss=1e-2,
-                         vocab_parallel=getattr(model, "vocab_parallel", None))
+                         vocab_parallel=vocab_parallel)
     out.loss.backward()
     return out.loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
 

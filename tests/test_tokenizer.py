@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import sentencepiece as spm
+from conftest import REPO
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -69,7 +70,7 @@ def hf_ids(tok, texts):
 @pytest.fixture(scope="module")
 def heldout_lines() -> list[str]:
     """Text the tokenizer was not trained on: freshly generated documents and Python's own sources."""
-    make_corpus = runpy.run_path(str(sample_data_path("make_corpus.py")))
+    make_corpus = runpy.run_path(str(REPO / "scripts" / "sample_data" / "make_corpus.py"))
     docs = list(make_corpus["generate"](900_000, seed=7))[-2500:]
     lines = [line for d in docs for line in d["text"].split("\n") if line]
     for module in ("json.decoder", "textwrap", "argparse"):

@@ -118,13 +118,13 @@ def test_a_crash_during_a_save_keeps_the_previous_checkpoint(tiny_corpus, tmp_pa
             raise KeyboardInterrupt("killed while saving")
         return real_commit(root, step, state, keep_last)
 
-    monkeypatch.setattr("tanuki.train.commit_checkpoint", crash_at_step_4)
+    monkeypatch.setattr("tanuki.checkpoint.commit_checkpoint", crash_at_step_4)
     with pytest.raises(KeyboardInterrupt):
         train(tiny_corpus, run_dir)
     root = run_dir / "checkpoints"
     assert (root / "step_00000004.partial").is_dir()  # DeepSpeed's shards are there ...
     assert latest_checkpoint(root) == root / "step_00000002"  # ... but the checkpoint never became visible
-    monkeypatch.setattr("tanuki.train.commit_checkpoint", real_commit)
+    monkeypatch.setattr("tanuki.checkpoint.commit_checkpoint", real_commit)
     _, lines, losses = train(tiny_corpus, run_dir)
     assert any("resumed from" in ln and "step_00000002" in ln for ln in lines)
     assert [losses[s] for s in (3, 4, 5, 6)] == [reference["losses"][s] for s in (3, 4, 5, 6)]
@@ -327,16 +327,17 @@ def test_zero3_builds_partitioned_and_equals_the_whole_model_build(tiny_corpus, 
     values, losses and trained weights are those of the old build (the whole model, then partitioned)."""
     from deepspeed.runtime.zero.partition_parameters import is_zero_param
 
-    from tanuki import pretrain
+    from tanuki import build
     from tanuki.model import build_model
 
     assert any("built partitioned (zero.Init)" in ln for ln in reference["lines"])
     cfg = config(tiny_corpus, tmp_path / "unused")
-    assert pretrain.builds_partitioned(cfg)
+    assert build.builds_partitioned(cfg.parallel, cfg.init)
     # the initial values: gathered from the partitions, those of build_model(seed)
     import deepspeed
 
-    model = pretrain.build_partitioned_model(cfg)
+    model = build.build_partitioned_model(cfg.model, seed=cfg.seed, train=cfg.train, parallel=cfg.parallel, dp_size=1,
+                                          bf16=False)
     want = build_model(cfg.model, seed=cfg.seed).state_dict()
     params = dict(model.named_parameters())
     assert all(is_zero_param(p) for p in params.values())
@@ -346,7 +347,7 @@ def test_zero3_builds_partitioned_and_equals_the_whole_model_build(tiny_corpus, 
     for k in want:
         assert torch.equal(got[k], want[k]), k
     # the run built the old way: the same losses and the same consolidated checkpoint
-    monkeypatch.setattr(pretrain, "builds_partitioned", lambda cfg, groups=None: False)
+    monkeypatch.setattr(build, "builds_partitioned", lambda parallel, init: False)
     result, lines, losses = train(tiny_corpus, tmp_path / "whole", "train.max_steps=6", "checkpoint.every=6")
     assert not any("built partitioned" in ln for ln in lines)
     ref = reference["losses"]

@@ -8,6 +8,14 @@ Read in the order of the data flow:
 * :mod:`tanuki.data.blend`: weighted interleaving of datasets; train/validation blends from a config.
 * :mod:`tanuki.data.loader`: one data-parallel rank's micro-batches; the state is consumed samples.
 * :mod:`tanuki.data.info`: the report of ``launch/data_info.py``.
+
+The chat data of fine-tuning, from JSONL (imported from their modules, not from this package):
+
+* :mod:`tanuki.data.records`: JSONL records with ``file:line`` in errors, messages, Alpaca records,
+  the train/validation split, the keys shared by the stages' ``data`` configs, eval prompts.
+* :mod:`tanuki.data.chat_tokens`: rendering with a chat template and tokenizing to ids and loss masks.
+* :mod:`tanuki.data.sft`: SFT samples, truncation, packing, the dataset and loader.
+* :mod:`tanuki.data.preference`: preference pairs for DPO, truncation, batches, the dataset and loader.
 """
 
 from tanuki.data.blend import (

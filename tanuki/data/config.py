@@ -10,25 +10,20 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-from tanuki.config import ConfigError
-
-
-def _require(cond: bool, key: str, message: str) -> None:
-    if not cond:
-        raise ConfigError(key, message)
+from tanuki.config import require
 
 
 def _check_weights(weights: tuple[float, ...], prefixes: tuple[str, ...], key: str, prefixes_key: str) -> None:
     if not weights:
         return
-    _require(
+    require(
         len(weights) == len(prefixes),
         key,
         f"{len(weights)} weights for {len(prefixes)} prefixes in {prefixes_key}; give one weight per prefix "
         f"(or none: proportional to token counts)",
     )
     for i, w in enumerate(weights):
-        _require(math.isfinite(w) and w > 0, f"{key}[{i}]", f"weights must be positive, got {w}")
+        require(math.isfinite(w) and w > 0, f"{key}[{i}]", f"weights must be positive, got {w}")
 
 
 @dataclass(frozen=True)
@@ -56,20 +51,20 @@ class DataConfig:
     def __post_init__(self) -> None:
         _check_weights(self.weights, self.prefixes, "data.weights", "data.prefixes")
         _check_weights(self.valid_weights, self.valid_prefixes, "data.valid_weights", "data.valid_prefixes")
-        _require(
+        require(
             0.0 <= self.valid_fraction < 1.0,
             "data.valid_fraction",
             f"must be in [0, 1), got {self.valid_fraction}",
         )
-        _require(
+        require(
             not (self.valid_fraction > 0 and self.valid_prefixes),
             "data.valid_prefixes",
             "give either data.valid_fraction or data.valid_prefixes, not both",
         )
         for key, items in (("data.prefixes", self.prefixes), ("data.valid_prefixes", self.valid_prefixes)):
             for i, p in enumerate(items):
-                _require(bool(p.strip()), f"{key}[{i}]", "empty prefix")
-                _require(
+                require(bool(p.strip()), f"{key}[{i}]", "empty prefix")
+                require(
                     not p.endswith((".bin", ".idx")),
                     f"{key}[{i}]",
                     f"'{p}' is a file name; give the prefix without .bin/.idx",
@@ -111,16 +106,16 @@ class PreprocessConfig:
     def __post_init__(self) -> None:
         # input, tokenizer and output_prefix are required by :func:`preprocess` rather than here, so
         # that the defaults of conf/preprocess.yaml form a valid (if not runnable) config.
-        _require(
+        require(
             not self.output_prefix.endswith((".bin", ".idx")),
             "output_prefix",
             "give the prefix without .bin/.idx",
         )
-        _require(self.workers >= 1, "workers", f"must be >= 1, got {self.workers}")
-        _require(self.min_chars >= 0, "min_chars", f"must be >= 0, got {self.min_chars}")
-        _require(self.shard_size >= 0, "shard_size", f"must be >= 0, got {self.shard_size}")
-        _require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
-        _require(bool(self.text_key), "text_key", "must not be empty")
+        require(self.workers >= 1, "workers", f"must be >= 1, got {self.workers}")
+        require(self.min_chars >= 0, "min_chars", f"must be >= 0, got {self.min_chars}")
+        require(self.shard_size >= 0, "shard_size", f"must be >= 0, got {self.shard_size}")
+        require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        require(bool(self.text_key), "text_key", "must not be empty")
 
 
 @dataclass(frozen=True)
@@ -141,7 +136,7 @@ class DataInfoConfig:
 
     def __post_init__(self) -> None:
         # data.prefixes is required when the report is made (tanuki.data.blend.split_prefixes).
-        _require(self.seq_len >= 1, "seq_len", "must be positive")
-        _require(self.train_tokens >= 0, "train_tokens", "must be >= 0")
-        _require(self.samples >= 0, "samples", "must be >= 0")
-        _require(self.sample_chars >= 1, "sample_chars", "must be positive")
+        require(self.seq_len >= 1, "seq_len", "must be positive")
+        require(self.train_tokens >= 0, "train_tokens", "must be >= 0")
+        require(self.samples >= 0, "samples", "must be >= 0")
+        require(self.sample_chars >= 1, "sample_chars", "must be positive")

@@ -21,7 +21,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
@@ -50,30 +50,27 @@ def _locked(lock_file: Path) -> Iterator[None]:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
-def _save_atomic(path: Path, arr: np.ndarray) -> None:
+def _write_atomic(path: Path, mode: str, write: Callable[[IO], Any]) -> None:
+    """Write ``path`` with ``write(f)`` (a file opened with ``mode``) under a temporary name, synced to
+    disk, then renamed into place: ``path`` is complete or absent, never half written."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, arr, allow_pickle=False)
+        with os.fdopen(fd, mode) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _save_atomic(path: Path, arr: np.ndarray) -> None:
+    _write_atomic(path, "wb", lambda f: np.save(f, arr, allow_pickle=False))
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    _write_atomic(path, "w", lambda f: f.write(text))
 
 
 def load_or_build(

@@ -19,6 +19,7 @@ from tanuki.data.blend import (
 )
 from tanuki.data.config import DataInfoConfig
 from tanuki.data.gpt_dataset import GPTDataset, epochs_for_samples
+from tanuki.tokenizer import load
 
 # Blend prefixes up to this many samples are measured exactly; beyond, shares are the weights
 # (the interleaving keeps every prefix's count within about one sample of weight x samples).
@@ -103,8 +104,6 @@ def _decoded_samples(cfg: DataInfoConfig, splits, weights: np.ndarray) -> list[t
     blend = BlendedDataset(datasets, weights, cfg.samples, names=[s.prefix for s in splits])
     decode = None
     if cfg.tokenizer:
-        from tanuki.tokenizer import load
-
         tok = load(cfg.tokenizer)
         decode = lambda ids: tok.decode(ids.tolist())
     out = []

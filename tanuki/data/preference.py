@@ -9,7 +9,7 @@ Read in the order of the data flow:
    user turn; ``chosen`` / ``rejected`` are strings, or an assistant message
    ``{"role": "assistant", "content": ...}`` (alone or as a one-element list). Bad records are
    :class:`PreferenceDataError` naming ``file:line``, or with ``on_error="skip"`` counted by reason
-   (the helpers of :mod:`tanuki.data.sft` check the messages); other fields (an id, a task name) are
+   (the helpers of :mod:`tanuki.data.records` check the messages); other fields (an id, a task name) are
    ignored. A pair whose chosen equals its rejected teaches nothing (the DPO margin is 0 whatever the
    policy): ``identical="skip"`` counts and drops it, ``identical="fail"`` stops.
 2. :func:`render_pair`: the prompt is the rendering of the prompt messages *with* the generation
@@ -25,7 +25,8 @@ Read in the order of the data flow:
    and then the completion tokens would differ from what the model is asked to score after the
    prompt. Such a pair is a :class:`PreferenceDataError` [not_prefix]. (We tokenize the whole text
    rather than concatenating separately tokenized prompt and completion ids: the ids we train on are
-   exactly those the tokenizer gives the rendered conversation, as in SFT.)
+   exactly those the tokenizer gives the rendered conversation, as in SFT; the tokenizer is checked
+   by :class:`tanuki.data.chat_tokens.TokenizerInfo`.)
 4. :func:`truncate_pairs`: the truncation policy, counted in :class:`PreferenceStats`: a prompt
    longer than ``max_prompt_length`` keeps its *last* tokens (the question's end and the generation
    prompt; BOS, when the template writes one, stays first), then a completion that does not fit
@@ -50,7 +51,6 @@ pair and 0 for a filler repeated to complete the last micro-step of a ``drop_las
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
@@ -58,20 +58,21 @@ from typing import Any, Literal, Optional, Union
 import numpy as np
 import torch
 
-from tanuki.config import ConfigError
+from tanuki.config import ConfigError, require
+from tanuki.data.chat_tokens import TokenizerInfo, as_template, id_dtype, pad_token_id
 from tanuki.data.loader import DataLoader
-from tanuki.data.sft import (
+from tanuki.data.records import (
+    ChatDataConfig,
+    PathSpec,
+    RecordStats,
     SFTDataError,
-    _as_list,
-    _json_lines,
-    _require,
-    _TokenizerInfo,
-    expand_paths,
+    check_on_error,
+    read_records,
     split_conversations,
     validate_messages,
 )
 from tanuki.losses import IGNORE_INDEX
-from tanuki.tokenizer.templates import ChatTemplate, get_template
+from tanuki.tokenizer.templates import ChatTemplate
 
 #: the keys of a preference micro-batch (see the module docstring)
 PREFERENCE_BATCH_KEYS = ("tokens", "labels", "positions", "pair_index", "pair_mask")
@@ -86,21 +87,11 @@ COMPLETIONS = ("chosen", "rejected")
 
 
 @dataclass(frozen=True)
-class PreferenceDataConfig:
-    """``data`` of a DPO run: which JSONL files, how to split and truncate them."""
+class PreferenceDataConfig(ChatDataConfig):
+    """``data`` of a DPO run: which JSONL files of ``{"prompt", "chosen", "rejected"}``, how to split
+    them (the keys of :class:`~tanuki.data.records.ChatDataConfig`; ``seed`` seeds the pair order),
+    how to truncate them."""
 
-    #: JSONL files of ``{"prompt", "chosen", "rejected"}``: a path, a glob, a comma-separated list,
-    #: or a list of those
-    path: Union[str, tuple[str, ...]] = ()
-    #: separate validation files (instead of valid_fraction)
-    valid_path: Union[str, tuple[str, ...]] = ()
-    #: fraction of the pairs held out for validation (0: no split)
-    valid_fraction: float = 0.0
-    #: seed of the train/validation split (separate from ``seed``: a new shuffle moves no pair
-    #: between the splits)
-    split_seed: int = 0
-    #: seed of the pair order (a different order every epoch)
-    seed: int = 1234
     #: prompt tokens kept (the last ones; BOS stays); null: half of max_length
     max_prompt_length: Optional[int] = None
     #: prompt + completion tokens kept (the completion's first ones); null: train.seq_len + 1, a
@@ -112,40 +103,27 @@ class PreferenceDataConfig:
     identical: Literal["fail", "skip"] = "skip"
 
     def __post_init__(self) -> None:
-        _require(0.0 <= self.valid_fraction < 1.0, "data.valid_fraction", f"must be in [0, 1), got {self.valid_fraction}")
-        _require(
-            not (self.valid_fraction > 0 and _as_list(self.valid_path)),
-            "data.valid_path",
-            "give either data.valid_fraction or data.valid_path, not both",
-        )
+        super().__post_init__()
         if self.max_length is not None:
-            _require(self.max_length >= 3, "data.max_length", f"must be at least 3, got {self.max_length}")
+            require(self.max_length >= 3, "data.max_length", f"must be at least 3, got {self.max_length}")
         if self.max_prompt_length is not None:
-            _require(self.max_prompt_length >= 2, "data.max_prompt_length",
-                     f"must be at least 2, got {self.max_prompt_length}")
+            require(self.max_prompt_length >= 2, "data.max_prompt_length",
+                    f"must be at least 2, got {self.max_prompt_length}")
             if self.max_length is not None:
-                _require(self.max_prompt_length < self.max_length, "data.max_prompt_length",
-                         f"{self.max_prompt_length} leaves no completion token in data.max_length={self.max_length}")
-
-    @property
-    def paths(self) -> list[str]:
-        return _as_list(self.path)
-
-    @property
-    def valid_paths(self) -> list[str]:
-        return _as_list(self.valid_path)
+                require(self.max_prompt_length < self.max_length, "data.max_prompt_length",
+                        f"{self.max_prompt_length} leaves no completion token in data.max_length={self.max_length}")
 
     def lengths(self, seq_len: int) -> tuple[int, int]:
         """``(max_prompt_length, max_length)`` for a run of ``seq_len`` positions, defaults resolved:
         ``max_length`` ``seq_len + 1`` (its sequences fill ``max_length - 1`` positions, which must
         fit ``seq_len``), ``max_prompt_length`` half of it."""
         max_length = seq_len + 1 if self.max_length is None else self.max_length
-        _require(max_length - 1 <= seq_len, "data.max_length",
-                 f"{max_length} tokens need {max_length - 1} positions, more than train.seq_len={seq_len}")
-        _require(max_length >= 3, "data.max_length", f"must be at least 3, got {max_length}")
+        require(max_length - 1 <= seq_len, "data.max_length",
+                f"{max_length} tokens need {max_length - 1} positions, more than train.seq_len={seq_len}")
+        require(max_length >= 3, "data.max_length", f"must be at least 3, got {max_length}")
         max_prompt = max_length // 2 if self.max_prompt_length is None else self.max_prompt_length
-        _require(max_prompt < max_length, "data.max_prompt_length",
-                 f"{max_prompt} leaves no completion token in data.max_length={max_length}")
+        require(max_prompt < max_length, "data.max_prompt_length",
+                f"{max_prompt} leaves no completion token in data.max_length={max_length}")
         return max_prompt, max_length
 
 
@@ -171,7 +149,7 @@ class PreferencePair:
 
 
 @dataclass
-class PreferenceStats:
+class PreferenceStats(RecordStats):
     """What happened to the records of one split (reported at start-up and in the run's metrics)."""
 
     #: non-blank JSONL lines read
@@ -195,21 +173,11 @@ class PreferenceStats:
     chosen_tokens: int = 0
     rejected_tokens: int = 0
 
-    def skip(self, reason: str) -> None:
-        self.skipped[reason] = self.skipped.get(reason, 0) + 1
-
-    def as_dict(self) -> dict[str, Any]:
-        return {k: (dict(v) if isinstance(v, dict) else v) for k, v in self.__dict__.items()}
-
     def summary(self) -> str:
-        skipped = sum(self.skipped.values())
-        reasons = ", ".join(f"{k} {v}" for k, v in sorted(self.skipped.items()))
         truncated = [f"{n} {what}" for n, what in ((self.prompt_truncated, "prompts"), (self.chosen_truncated, "chosen"),
                                                     (self.rejected_truncated, "rejected")) if n]
         return (
-            (f"{self.records} records, " if self.records else "")
-            + f"{self.pairs} pairs"
-            + (f", {skipped} skipped ({reasons})" if skipped else "")
+            self.read_summary(f"{self.pairs} pairs")
             + (f", {self.identical} identical chosen/rejected skipped" if self.identical else "")
             + f"; {self.samples} kept, {self.tokens} tokens, {self.chosen_tokens} chosen / "
             f"{self.rejected_tokens} rejected label tokens"
@@ -277,7 +245,7 @@ def pair_from_record(record: Any, source: str = "") -> PreferencePair:
 
 
 def read_preference_pairs(
-    paths: Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]],
+    paths: PathSpec,
     *,
     on_error: Literal["fail", "skip"] = "fail",
     identical: Literal["fail", "skip"] = "skip",
@@ -292,30 +260,17 @@ def read_preference_pairs(
     raises [identical] (``"fail"``), whatever ``on_error``. ``key``: the config key named when a path
     does not exist.
     """
-    if on_error not in ("fail", "skip"):
-        raise ValueError(f"on_error must be 'fail' or 'skip', got {on_error!r}")
-    if identical not in ("fail", "skip"):
-        raise ValueError(f"identical must be 'fail' or 'skip', got {identical!r}")
     stats = stats if stats is not None else PreferenceStats()
+    records = read_records(paths, pair_from_record, on_error=on_error, stats=stats, key=key, error=PreferenceDataError)
+    check_on_error(identical, "identical")
     out = []
-    for path in expand_paths(paths, key):
-        for source, record in _json_lines(path):
-            stats.records += 1
-            try:
-                if isinstance(record, SFTDataError):
-                    raise PreferenceDataError(record.source, record.reason, str(record)[len(source) + 2:])
-                pair = pair_from_record(record, source)
-            except PreferenceDataError as e:
-                if on_error == "fail":
-                    raise
-                stats.skip(e.reason)
-                continue
-            if pair.chosen == pair.rejected:
-                stats.identical += 1
-                if identical == "fail":
-                    raise PreferenceDataError(source, "identical", "chosen and rejected are identical")
-                continue
-            out.append(pair)
+    for pair in records:
+        if pair.chosen == pair.rejected:
+            stats.identical += 1
+            if identical == "fail":
+                raise PreferenceDataError(pair.source, "identical", "chosen and rejected are identical")
+            continue
+        out.append(pair)
     stats.pairs += len(out)
     return out
 
@@ -323,7 +278,7 @@ def read_preference_pairs(
 def split_pairs(pairs: Sequence[PreferencePair], valid_fraction: float, seed: int = 0
                 ) -> tuple[list[PreferencePair], list[PreferencePair]]:
     """(train, valid): a seeded choice of ``round(valid_fraction * n)`` pairs (at least one when the
-    fraction is positive), as :func:`tanuki.data.sft.split_conversations` splits conversations."""
+    fraction is positive), as :func:`tanuki.data.records.split_conversations` splits conversations."""
     return split_conversations(pairs, valid_fraction, seed)  # only indexes the sequence
 
 
@@ -348,7 +303,7 @@ def render_pair(pair: PreferencePair, template: Union[ChatTemplate, str], *, bos
     Raises ``ValueError`` if the template does not render the assistant turn after the prompt as
     generation prompt + content + EOS (a template unfit for DPO; the bundled ones all are).
     """
-    template = get_template(template) if isinstance(template, str) else template
+    template = as_template(template)
     prompt = template.render(pair.prompt, bos_token=bos_token, eos_token=eos_token, add_generation_prompt=True).text
     completions = []
     for content in (pair.chosen, pair.rejected):
@@ -407,19 +362,17 @@ def tokenize_pairs(
     keeps the completion to one EOS), a prompt whose ids are not a prefix of a full sequence's
     [not_prefix], a completion whose ids do not end with the EOS [bad_tokenization].
     """
-    template = get_template(template) if isinstance(template, str) else template
+    template = as_template(template)
     stats = stats if stats is not None else PreferenceStats()
-    info = _TokenizerInfo(tokenizer, template)
+    info = TokenizerInfo(tokenizer, template)
     out: list[TokenizedPair] = []
     for lo in range(0, len(pairs), batch_size):
         batch: list[tuple[PreferencePair, RenderedPair]] = []
         for pair in pairs[lo : lo + batch_size]:
             try:
-                _check_special_texts(pair, info.special_texts)
+                _check_special_texts(pair, info)
             except PreferenceDataError as e:
-                if on_error == "fail":
-                    raise
-                stats.skip(e.reason)
+                stats.skip_or_raise(e, on_error)
                 continue
             batch.append((pair, render_pair(pair, template, bos_token=info.bos or "", eos_token=info.eos)))
         if not batch:
@@ -431,16 +384,14 @@ def tokenize_pairs(
             try:
                 out.append(_split(pair, prompt, chosen, rejected, info.eos_id))
             except PreferenceDataError as e:
-                if on_error == "fail":
-                    raise
-                stats.skip(e.reason)
+                stats.skip_or_raise(e, on_error)
     return out
 
 
-def _check_special_texts(pair: PreferencePair, special_texts: Sequence[str]) -> None:
+def _check_special_texts(pair: PreferencePair, info: TokenizerInfo) -> None:
     parts = [(m["role"], m["content"]) for m in pair.prompt] + [("chosen", pair.chosen), ("rejected", pair.rejected)]
     for what, text in parts:
-        bad = next((t for t in special_texts if t in text), None)
+        bad = info.special_text_in(text)
         if bad is not None:
             raise PreferenceDataError(pair.source, "special_token_text", f"the {what} text contains the special token text {bad!r}")
 
@@ -459,7 +410,7 @@ def _split(pair: PreferencePair, prompt: np.ndarray, chosen: np.ndarray, rejecte
         if completion[-1] != eos_id:
             raise PreferenceDataError(pair.source, "bad_tokenization", f"the {which} completion does not end with EOS")
         completions.append(completion)
-    dtype = np.int32 if max(int(x.max()) for x in (prompt, *completions)) < 2**31 else np.int64
+    dtype = id_dtype(prompt, *completions)
     return TokenizedPair(prompt.astype(dtype), completions[0].astype(dtype), completions[1].astype(dtype), pair.source)
 
 
@@ -520,7 +471,7 @@ def load_tokenized_pairs(
     stats: Optional[PreferenceStats] = None,
 ) -> list[TokenizedPair]:
     """:func:`tokenize_pairs` then :func:`truncate_pairs` (BOS kept when the template writes it)."""
-    template = get_template(template) if isinstance(template, str) else template
+    template = as_template(template)
     stats = stats if stats is not None else PreferenceStats()
     samples = tokenize_pairs(pairs, tokenizer, template, on_error=on_error, stats=stats)
     bos_id = tokenizer.bos_token_id if template.writes_bos else None
@@ -610,8 +561,6 @@ class PreferenceDataset:
             epoch += 1
         self.num_epochs = epoch
         self._order = np.concatenate(orders).astype(np.int64)
-        chosen = np.array([len(p.chosen_ids) for p in self.pairs], dtype=np.int64)
-        self._chosen_cumsum = np.concatenate([[0], np.cumsum(chosen[self._order])])
 
     def __len__(self) -> int:
         return len(self._order)
@@ -628,11 +577,6 @@ class PreferenceDataset:
         """The same pairs once, in order (stream position = pair index): the pass that precomputes
         reference log-probs, or an evaluation."""
         return PreferenceDataset(self.pairs, shuffle=False, pad_id=self.pad_id, max_length=self.seq_len + 1)
-
-    def chosen_tokens_between(self, start: int, stop: int) -> int:
-        """Label tokens of the chosen completions at stream positions ``start .. stop - 1``."""
-        start, stop = min(start, len(self)), min(stop, len(self))
-        return int(self._chosen_cumsum[max(stop, start)] - self._chosen_cumsum[start])
 
 
 class PreferenceDataLoader(DataLoader):
@@ -680,12 +624,6 @@ class PreferenceDataLoader(DataLoader):
             batch = {k: v.pin_memory() for k, v in batch.items()}
         return batch
 
-    def global_chosen_tokens(self, micro_steps: int = 1) -> int:
-        """Chosen label tokens in the next ``micro_steps`` micro-steps of all ranks together: the
-        normaliser of a per-token loss on chosen (the SFT term of RPO), the same on every rank."""
-        start = self.consumed_samples
-        return self.dataset.chosen_tokens_between(start, start + micro_steps * self.samples_per_micro_step)
-
 
 # --------------------------------------------------------------------------------------------------
 # Everything from a config
@@ -725,7 +663,7 @@ def build_preference_datasets(
     ``min_pairs``: make the training stream at least this long (whole epochs), e.g. the run's
     ``steps * global_batch_size``. The validation pairs are in order, one epoch.
     """
-    template = get_template(template) if isinstance(template, str) else template
+    template = as_template(template)
     max_prompt_length, max_length = cfg.lengths(seq_len)
     train_stats = PreferenceStats()
     pairs = read_preference_pairs(cfg.paths, on_error=cfg.on_error, identical=cfg.identical, stats=train_stats)
@@ -741,7 +679,7 @@ def build_preference_datasets(
         train_stats.pairs -= len(valid_pairs)
     if not pairs:
         raise ConfigError("data.path", f"no valid training pairs ({train_stats.summary()})")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     common = dict(on_error=cfg.on_error)
     train_samples = load_tokenized_pairs(pairs, tokenizer, template, max_length, max_prompt_length,
                                          stats=train_stats, **common)

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from tanuki.config import ConfigError
 from tanuki.data.config import PreprocessConfig
@@ -37,6 +38,7 @@ from tanuki.data.indexed import (
     token_dtype,
 )
 from tanuki.textio import ReadStats, expand_inputs, iter_documents
+from tanuki.tokenizer import FastEncoder
 
 # Batches in flight per worker: enough to keep every worker busy while the main process writes,
 # few enough that memory stays at a handful of batches.
@@ -106,8 +108,6 @@ def _init_encoder(tokenizer_dir: str, dtype: str, eos: int | None, in_worker: bo
         # reacted too would only print a traceback each.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    from tanuki.tokenizer import FastEncoder
-
     _encoder = FastEncoder(tokenizer_dir)
     _dtype = np.dtype(dtype)
     _eos = eos
@@ -238,8 +238,6 @@ class _Progress:
     def __init__(self, enabled: bool):
         self.bar = None
         if enabled:
-            from tqdm import tqdm
-
             self.bar = tqdm(unit=" docs", unit_scale=True, dynamic_ncols=True, mininterval=0.5)
         self.start = time.perf_counter()
         self.last = 0.0
@@ -271,8 +269,6 @@ def resolve_dtype(cfg_dtype: str, vocab_size: int) -> np.dtype:
 
 def preprocess(cfg: PreprocessConfig) -> PreprocessSummary:
     """Tokenize ``cfg.input`` into ``cfg.output_prefix`` (see the module docstring)."""
-    from tanuki.tokenizer import FastEncoder
-
     for key, example in (("input", "<file|glob|list>"), ("tokenizer", "<dir>"), ("output_prefix", "<path>")):
         if not getattr(cfg, key):
             raise ConfigError(key, f"is required: {key}={example}")

@@ -20,6 +20,8 @@ The sequence is dimension 1 of ``(batch, seq, hidden)`` activations.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.distributed as dist
 
@@ -62,58 +64,32 @@ def _split(x: torch.Tensor, group, dim: int) -> torch.Tensor:
     return x.chunk(world, dim=dim)[rank].contiguous()
 
 
-class _CopyToTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
+def _region_function(name: str, forward: Callable, backward: Callable) -> type[torch.autograd.Function]:
+    """The autograd function (class ``name``) computing ``forward(x, group)``, whose input gradient is
+    ``backward(grad, group)`` (the group gets none)."""
+
+    def fwd(ctx, x, group):
         ctx.group = group
-        return x.view_as(x)
+        return forward(x, group)
 
-    @staticmethod
-    def backward(ctx, grad):
-        return _all_reduce(grad, ctx.group), None
+    def bwd(ctx, grad):
+        return backward(grad, ctx.group), None
 
-
-class _ReduceFromTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        return _all_reduce(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
+    return type(name, (torch.autograd.Function,), {"forward": staticmethod(fwd), "backward": staticmethod(bwd)})
 
 
-class _GatherFromSequence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _all_gather(x, group, SEQ_DIM)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _reduce_scatter(grad, ctx.group, SEQ_DIM), None
-
-
-class _ReduceScatterToSequence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _reduce_scatter(x, group, SEQ_DIM)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _all_gather(grad, ctx.group, SEQ_DIM), None
-
-
-class _ScatterToSequence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _split(x, group, SEQ_DIM)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _all_gather(grad, ctx.group, SEQ_DIM), None
+# The collectives are looked up when called (benchmarks/tp_comm_bench.py replaces _reduce_scatter to count it).
+_CopyToTP = _region_function("_CopyToTP", lambda x, g: x.view_as(x), lambda grad, g: _all_reduce(grad, g))
+_ReduceFromTP = _region_function("_ReduceFromTP", lambda x, g: _all_reduce(x, g), lambda grad, g: grad)
+_GatherFromSequence = _region_function(
+    "_GatherFromSequence", lambda x, g: _all_gather(x, g, SEQ_DIM), lambda grad, g: _reduce_scatter(grad, g, SEQ_DIM)
+)
+_ReduceScatterToSequence = _region_function(
+    "_ReduceScatterToSequence", lambda x, g: _reduce_scatter(x, g, SEQ_DIM), lambda grad, g: _all_gather(grad, g, SEQ_DIM)
+)
+_ScatterToSequence = _region_function(
+    "_ScatterToSequence", lambda x, g: _split(x, g, SEQ_DIM), lambda grad, g: _all_gather(grad, g, SEQ_DIM)
+)
 
 
 def copy_to_tp(x: torch.Tensor, group) -> torch.Tensor:

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import os
 import socket
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch.distributed as dist
 
 
 @dataclass(frozen=True)
@@ -92,8 +93,8 @@ def init_distributed(env: DistEnv, backend: str) -> None:
     Multi-rank jobs need ``MASTER_ADDR``/``MASTER_PORT`` from the launcher (or the batch script, for
     ``srun``): a missing one is reported here rather than as a rendezvous hang.
     """
+    # Lazy: deepspeed is heavy and logs its accelerator detection on import; only this function needs it.
     import deepspeed
-    import torch.distributed as dist
 
     if dist.is_initialized():
         return
@@ -126,12 +127,18 @@ def resolve_run_dir(configured: str | None, stage: str, env: DistEnv) -> Path:
         return Path("runs") / f"slurm-{os.environ['SLURM_JOB_ID']}"
     name = [f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}"]
     if env.world_size > 1:
-        import torch.distributed as dist
-
         dist.broadcast_object_list(name, src=0)
     return Path("runs") / name[0]
 
 
-def log_rank0(env: DistEnv, message: str) -> None:
-    if env.is_main:
-        print(message, file=sys.stdout, flush=True)
+def barrier() -> None:
+    """Wait for every rank of the job (a no-op in a one-rank or group-less process)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def all_reduce(t, op=None):
+    """``t`` all-reduced in place over the job (default: sum) and returned; a no-op with one rank."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM if op is None else op)
+    return t

@@ -68,6 +68,8 @@ def _model_states_file(checkpoint: Path, zero_stage: int) -> Path:
 
 
 def _has_universal_info(checkpoint: Path, zero_stage: int) -> bool:
+    # deepspeed stays lazy: it is slow to import, and tanuki.checkpoint / tanuki.train import this module
+    # (needs_reshard, check_reshardable) also where no DeepSpeed engine is built
     from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
 
     path = _model_states_file(checkpoint, zero_stage)
@@ -121,7 +123,7 @@ def convert_to_universal(checkpoint: Path) -> Path:
 
     Idempotent: a finished conversion is reused. The work happens in a temporary directory inside the
     checkpoint, renamed into place when complete."""
-    from deepspeed.checkpoint import ds_to_universal
+    from deepspeed.checkpoint import ds_to_universal  # lazy, as in _has_universal_info
 
     checkpoint = Path(checkpoint)
     target = universal_path(checkpoint)

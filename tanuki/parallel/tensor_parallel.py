@@ -26,7 +26,10 @@ applying TP gives every TP size the same model (the parity tests rely on it).
 
 from __future__ import annotations
 
+import re
+
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -87,8 +90,7 @@ def universal_checkpoint_info(param_names) -> dict:
     parameter present (DeepSpeed's strict mode rejects patterns that match nothing).
     See ``deepspeed/checkpoint/ds_to_universal.py`` (``merge_tp_slices``) and ``constants.py``.
     """
-    import re
-
+    # deepspeed stays lazy: it is slow to import, and this module serves runs and tools without it
     from deepspeed.checkpoint.constants import (
         PARAMETER_WITH_ROW_PARALLELISM_PATTERNS,
         TP_REPLICATED_PARAMETER_PATTERNS,
@@ -159,8 +161,6 @@ def _exit_hook(group, sp: bool):
 
 def _all_reduce_grad_hook(group):
     def hook(grad: torch.Tensor) -> torch.Tensor:
-        import torch.distributed as dist
-
         grad = grad.clone()
         dist.all_reduce(grad, group=group)
         return grad
@@ -172,9 +172,10 @@ def apply_tensor_parallel(model: nn.Module, groups: ProcessGroups, sequence_para
     """Shard ``model`` (a full :class:`~tanuki.model.Transformer`) for this rank's TP group, in place.
 
     Call it after building (and initialising or loading) the full model and after the kernel swap,
-    before activation checkpointing and DeepSpeed. Sets ``model.vocab_parallel`` (for the loss) and
-    ``model.tp_groups``. Sharded parameters get ``tensor_model_parallel = True`` and ``partition_dim``,
-    the attributes DeepSpeed's gradient-norm computation uses to count each shard once.
+    before activation checkpointing and DeepSpeed (:func:`tanuki.build.build_training_model` does). The
+    loss needs this rank's vocabulary slice: :func:`vocab_parallel_slice`. Sharded parameters get
+    ``tensor_model_parallel = True`` and ``partition_dim``, the attributes DeepSpeed's gradient-norm
+    computation uses to count each shard once.
     """
     tp, rank, group = groups.tp, groups.tp_rank, groups.tp_group
     cfg = model.cfg
@@ -184,8 +185,6 @@ def apply_tensor_parallel(model: nn.Module, groups: ProcessGroups, sequence_para
         if getattr(cfg, key) % tp:
             raise ValueError(f"model.{key}={getattr(cfg, key)} is not divisible by tp={tp}")
     if tp == 1:
-        model.vocab_parallel = None
-        model.tp_groups = groups
         return model
 
     for name, module in list(model.named_modules()):
@@ -223,11 +222,15 @@ def apply_tensor_parallel(model: nn.Module, groups: ProcessGroups, sequence_para
             region.register_forward_pre_hook(_enter_hook(group, sequence_parallel))
             region.register_forward_hook(_exit_hook(group, sequence_parallel))
     model.head.register_forward_pre_hook(_enter_hook(group, sequence_parallel))
-
-    model.vocab_parallel = VocabParallel(group=group, start=rank * model.head.weight.shape[0])
-    model.tp_groups = groups
-    model.sequence_parallel = sequence_parallel
     return model
+
+
+def vocab_parallel_slice(model: nn.Module, groups: ProcessGroups) -> VocabParallel | None:
+    """The vocabulary slice of this rank's logits of a model sharded by :func:`apply_tensor_parallel`
+    (what the vocabulary-parallel loss needs); None without tensor parallelism."""
+    if groups.tp == 1:
+        return None
+    return VocabParallel(group=groups.tp_group, start=groups.tp_rank * model.head.weight.shape[0])
 
 
 class TPBroadcastLoader:
@@ -242,8 +245,6 @@ class TPBroadcastLoader:
         self.inner, self.groups = inner, groups
 
     def __iter__(self):
-        import torch.distributed as dist
-
         inner = self.inner
         shape = (inner.micro_batch_size, inner.dataset.seq_len + 1)
         source = iter(inner) if self.groups.tp_rank == 0 else None

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from tanuki.config import ConfigError, ParallelConfig, TrainConfig
+from tanuki.optim import build_optimizer
 
 
 def grad_accumulation_steps(train: TrainConfig, dp_size: int) -> int:
@@ -99,7 +100,7 @@ class _KnownNoise(logging.Filter):
 
 
 def _quiet_deepspeed() -> None:
-    from deepspeed.utils import logger
+    from deepspeed.utils import logger  # lazy, as in build_engine
 
     if not any(isinstance(f, _KnownNoise) for f in logger.filters):
         logger.addFilter(_KnownNoise())
@@ -115,20 +116,21 @@ def build_engine(model: torch.nn.Module, train: TrainConfig, parallel: ParallelC
     ``mpu`` (a :class:`~tanuki.parallel.groups.ProcessGroups`) tells DeepSpeed the tensor- and
     data-parallel groups under TP: ZeRO then partitions over the DP group only. ``load_universal``: see
     :func:`deepspeed_config`."""
+    # deepspeed stays lazy: it is slow to import, and grad_accumulation_steps / deepspeed_config are
+    # used while checking a config, without it
     import deepspeed
 
-    from tanuki.optim import param_groups
-
     _quiet_deepspeed()
-    groups = param_groups(
-        model.named_parameters(),
+    optimizer = build_optimizer(
+        model,
+        train.lr,
         train.weight_decay,
+        tuple(train.betas),
+        train.eps,
         decay_embeddings=train.decay_embeddings,
         decay_norms=train.decay_norms,
+        optimizer_class=GuardedAdamW,
     )
-    for g in groups:
-        g.pop("names")
-    optimizer = GuardedAdamW(groups, lr=train.lr, betas=tuple(train.betas), eps=train.eps)
     config = deepspeed_config(train, parallel, dp_size=dp_size, bf16=bf16, load_universal=load_universal)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config, mpu=mpu,
                                            dist_init_required=False)

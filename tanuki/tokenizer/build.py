@@ -35,6 +35,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional, TextIO
 
+import psutil
+import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2
+from tqdm import tqdm
+
 from tanuki.config import pad_vocab_size, to_dict
 from tanuki.textio import Document, ReadStats, expand_inputs, iter_documents
 from tanuki.tokenizer import convert
@@ -42,6 +47,11 @@ from tanuki.tokenizer import report as report_mod
 from tanuki.tokenizer.config import NUM_BYTE_PIECES, BuildTokenizerConfig
 from tanuki.tokenizer.encode import BUILDER_MARK, FastEncoder
 from tanuki.tokenizer.templates import DEFAULT_CHAT_TEMPLATE
+
+try:
+    import resource  # Unix only
+except ImportError:  # Windows: psutil reports the peak instead
+    resource = None
 
 
 class TokenizerBuildError(RuntimeError):
@@ -106,8 +116,6 @@ def split_long_line(line: str, max_bytes: int) -> list[str]:
 
 
 def _bar(stream: Optional[TextIO], enabled: bool, **kwargs):
-    from tqdm import tqdm
-
     return tqdm(file=stream or sys.stderr, disable=not enabled, dynamic_ncols=True, **kwargs)
 
 
@@ -202,15 +210,10 @@ class _TrainingProgress:
 
 def _peak_memory_mb() -> float:
     """Peak resident memory of this process so far, in MB."""
-    try:
-        import resource
-
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
-    except ImportError:  # Windows
-        import psutil
-
+    if resource is None:
         return psutil.Process().memory_info().peak_wset / (1024 * 1024)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
 
 
 def _prepare_output(output: str, overwrite: bool) -> str:
@@ -268,7 +271,9 @@ def _training_lines(
             yield line
 
 
-def _trainer_options(cfg: BuildTokenizerConfig, large: bool) -> dict:
+def trainer_options(cfg: BuildTokenizerConfig, large: bool) -> dict:
+    """The keyword arguments of ``SentencePieceTrainer.train`` that the build of ``cfg`` trains with
+    (``large``: ``train_extremely_large_corpus``); the corpus and model writer are added by the caller."""
     s = cfg.special_tokens
     return dict(
         model_type="unigram",
@@ -349,8 +354,6 @@ class _Trained:
 
 def _read_and_train(cfg: BuildTokenizerConfig, files) -> _Trained:
     """Stream the corpus into SentencePiece (or into a sample first) and train."""
-    import sentencepiece as spm
-
     t0 = time.perf_counter()
     read, lines = ReadStats(), LineStats()
     report_sample = _Reservoir(cfg.report_documents, cfg.seed + 1)
@@ -387,7 +390,7 @@ def _read_and_train(cfg: BuildTokenizerConfig, files) -> _Trained:
             large = _probably_large(files)
         guarded = _Guarded(train_lines)
         try:
-            spm.SentencePieceTrainer.train(sentence_iterator=guarded, model_writer=model, **_trainer_options(cfg, large))
+            spm.SentencePieceTrainer.train(sentence_iterator=guarded, model_writer=model, **trainer_options(cfg, large))
         except RuntimeError as e:
             progress.close(ok=False)
             if guarded.error is not None:  # raised while SentencePiece was reading our lines
@@ -423,9 +426,6 @@ def build_tokenizer(cfg: BuildTokenizerConfig, log: Optional[TextIO] = None) -> 
     either case no output directory is created or changed. ``log`` receives the printed summary
     (stdout by default).
     """
-    import sentencepiece as spm
-    from sentencepiece import sentencepiece_model_pb2
-
     t_start = time.perf_counter()
     output = _prepare_output(cfg.output, cfg.overwrite)
     files = expand_inputs(cfg.inputs)

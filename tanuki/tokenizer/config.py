@@ -6,13 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
-from tanuki.config import ConfigError
+from omegaconf import OmegaConf
 
-
-def _require(cond: bool, key: str, message: str) -> None:
-    if not cond:
-        raise ConfigError(key, message)
-
+from tanuki.config import ConfigError, require
 
 #: the 256 byte pieces ``<0x00>`` .. ``<0xFF>`` that follow the special tokens
 NUM_BYTE_PIECES = 256
@@ -43,18 +39,18 @@ class SpecialTokens:
         seen: dict[str, str] = {}
         for key, tok in names.items():
             full = f"special_tokens.{key}"
-            _require(bool(tok), full, "must not be empty")
+            require(bool(tok), full, "must not be empty")
             # Whitespace would be escaped to U+2581 before SentencePiece matches pieces, so such a
             # token could never be produced from text; the fast encoder also relies on no piece
             # containing a newline.
-            _require(not any(ch.isspace() for ch in tok), full, f"{tok!r} must not contain whitespace")
-            _require(tok != "\u2581" and "\u2581" not in tok, full, "must not contain U+2581, the space marker")
-            _require(
+            require(not any(ch.isspace() for ch in tok), full, f"{tok!r} must not contain whitespace")
+            require(tok != "\u2581" and "\u2581" not in tok, full, "must not contain U+2581, the space marker")
+            require(
                 not (tok.startswith("<0x") and tok.endswith(">") and len(tok) == 6),
                 full,
                 f"{tok!r} has the form of a byte piece <0xNN>",
             )
-            _require(tok not in seen, full, f"{tok!r} is already used by special_tokens.{seen.get(tok)}")
+            require(tok not in seen, full, f"{tok!r} is already used by special_tokens.{seen.get(tok)}")
             seen[tok] = key
 
     @property
@@ -114,27 +110,27 @@ class BuildTokenizerConfig:
     def __post_init__(self) -> None:
         specials = len(self.special_tokens.ordered)
         smallest = specials + NUM_BYTE_PIECES + 1
-        _require(
+        require(
             self.vocab_size >= smallest,
             "vocab_size",
             f"{self.vocab_size} leaves no room for learned pieces: {specials} special tokens and "
             f"{NUM_BYTE_PIECES} byte pieces come first, so use at least {smallest} (a few thousand in practice)",
         )
-        _require(bool(self.output), "output", "is required: the directory to write the tokenizer to")
+        require(bool(self.output), "output", "is required: the directory to write the tokenizer to")
         inputs = (self.input,) if isinstance(self.input, str) else self.input
-        _require(any(s.strip() for s in inputs), "input", "is required: a file, glob or list of files")
-        _require(bool(self.text_key), "text_key", "must not be empty")
-        _require(
+        require(any(s.strip() for s in inputs), "input", "is required: a file, glob or list of files")
+        require(bool(self.text_key), "text_key", "must not be empty")
+        require(
             0.0 < self.character_coverage <= 1.0,
             "character_coverage",
             f"must be in (0, 1], got {self.character_coverage}",
         )
-        _require(self.max_sentence_length > 0, "max_sentence_length", "must be positive")
-        _require(self.sample_sentences >= 0, "sample_sentences", "must be >= 0 (0: use all lines)")
-        _require(1 <= self.max_piece_length <= 16, "max_piece_length", "must be in [1, 16] (SentencePiece's limit)")
-        _require(self.pad_to_multiple_of >= 1, "pad_to_multiple_of", "must be >= 1")
-        _require(self.threads >= 0, "threads", "must be >= 0 (0: all cores)")
-        _require(self.report_documents >= 1, "report_documents", "must be >= 1")
+        require(self.max_sentence_length > 0, "max_sentence_length", "must be positive")
+        require(self.sample_sentences >= 0, "sample_sentences", "must be >= 0 (0: use all lines)")
+        require(1 <= self.max_piece_length <= 16, "max_piece_length", "must be in [1, 16] (SentencePiece's limit)")
+        require(self.pad_to_multiple_of >= 1, "pad_to_multiple_of", "must be >= 1")
+        require(self.threads >= 0, "threads", "must be >= 0 (0: all cores)")
+        require(self.report_documents >= 1, "report_documents", "must be >= 1")
 
     @property
     def inputs(self) -> tuple[str, ...]:
@@ -163,11 +159,11 @@ class TokenizerReportConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        _require(bool(self.tokenizer), "tokenizer", "is required: a tokenizer directory")
+        require(bool(self.tokenizer), "tokenizer", "is required: a tokenizer directory")
         inputs = (self.input,) if isinstance(self.input, str) else self.input
-        _require(any(s.strip() for s in inputs), "input", "is required: a file, glob or list of files")
-        _require(self.max_documents >= 0, "max_documents", "must be >= 0 (0: all)")
-        _require(self.pad_to_multiple_of >= 1, "pad_to_multiple_of", "must be >= 1")
+        require(any(s.strip() for s in inputs), "input", "is required: a file, glob or list of files")
+        require(self.max_documents >= 0, "max_documents", "must be >= 0 (0: all)")
+        require(self.pad_to_multiple_of >= 1, "pad_to_multiple_of", "must be >= 1")
 
     @property
     def inputs(self) -> tuple[str, ...]:
@@ -176,8 +172,6 @@ class TokenizerReportConfig:
 
 def check_required(cfg, keys: tuple[str, ...]) -> None:
     """Raise :class:`ConfigError` for a mandatory Hydra value (``???``) left unset on the command line."""
-    from omegaconf import OmegaConf
-
     missing = [k for k in keys if OmegaConf.is_missing(cfg, k)]
     if missing:
         k = missing[0]

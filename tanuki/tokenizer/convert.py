@@ -30,6 +30,8 @@ from __future__ import annotations
 import json
 import os
 
+from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
+
 from tanuki.tokenizer.config import NUM_BYTE_PIECES, SpecialTokens
 
 #: SentencePiece's space marker (U+2581)
@@ -99,8 +101,6 @@ def build_normalizer(proto, normalization: str):
     and is encoded with. Hugging Face's own ``NFKC`` follows an older Unicode version: on random
     Unicode text it gave different ids for 14 in 3,000 strings against 1 for the compiled table.
     """
-    from tokenizers import normalizers
-
     steps = []
     if normalization == "nfkc":
         charsmap = proto.normalizer_spec.precompiled_charsmap
@@ -115,8 +115,6 @@ def build_normalizer(proto, normalization: str):
 
 def build_hf_tokenizer(proto, specials: SpecialTokens, normalization: str):
     """A ``tokenizers.Tokenizer`` that encodes like the SentencePiece model ``proto``."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, processors
-
     vocab = hf_vocab(proto)
     ids = {piece: i for i, (piece, _) in enumerate(vocab)}
     for tok in specials.ordered:

@@ -6,6 +6,10 @@ import json
 import os
 from typing import Optional, Sequence
 
+import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2
+from tokenizers import Tokenizer
+
 #: report.json key that marks a directory written by tanuki's builder, whose tokenizer.model encodes
 #: exactly like its tokenizer.json
 BUILDER_MARK = "tanuki.tokenizer"
@@ -13,6 +17,7 @@ BUILDER_MARK = "tanuki.tokenizer"
 
 def load(path: str | os.PathLike):
     """The Hugging Face tokenizer in ``path`` (a ``PreTrainedTokenizerFast``; no remote code)."""
+    # lazy: transformers is slow to import, and preprocessing workers load this module for FastEncoder
     from transformers import PreTrainedTokenizerFast
 
     path = os.fspath(path)
@@ -63,9 +68,6 @@ class FastEncoder:
     # -- loading ------------------------------------------------------------------------------------
 
     def _load_sentencepiece(self) -> None:
-        import sentencepiece as spm
-        from sentencepiece import sentencepiece_model_pb2
-
         with open(os.path.join(self.path, "tokenizer.model"), "rb") as f:
             data = f.read()
         proto = sentencepiece_model_pb2.ModelProto()
@@ -97,8 +99,6 @@ class FastEncoder:
         self._exact_chars = int(2**18 / per_char) - 2
 
     def _load_tokenizers(self) -> None:
-        from tokenizers import Tokenizer
-
         tok_file = os.path.join(self.path, "tokenizer.json")
         if not os.path.isfile(tok_file):
             raise FileNotFoundError(f"{self.path}: no tokenizer.json")

@@ -14,7 +14,9 @@ import unicodedata
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional, Sequence
 
+from tanuki.config import pad_vocab_size
 from tanuki.textio import Document
+from tanuki.tokenizer.encode import FastEncoder
 
 #: languages the report keeps apart; anything else is counted as "other"
 LANGUAGES = ("ja", "en", "code", "other")
@@ -301,9 +303,6 @@ def report_for_directory(
     when the directory was built by tanuki) without special tokens, treating special-token
     literals in the text as text.
     """
-    from tanuki.config import pad_vocab_size
-    from tanuki.tokenizer.encode import FastEncoder
-
     path = os.path.join(tokenizer_dir, "tokenizer.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{tokenizer_dir}: no tokenizer.json (the report needs a Hugging Face fast tokenizer)")

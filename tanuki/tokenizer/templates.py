@@ -26,6 +26,8 @@ import os
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
+from tanuki.config import ConfigError
+
 #: The fixed system sentence of the Japanese Alpaca format (llm-jp-3 instruct, Tanuki-8B).
 JAPANESE_ALPACA_SYSTEM = "以下は、タスクを説明する指示です。要求を適切に満たす応答を書きなさい。"
 
@@ -206,8 +208,6 @@ def get_template(name: str) -> ChatTemplate:
     try:
         return TEMPLATES[name]
     except (KeyError, TypeError):
-        from tanuki.config import ConfigError
-
         raise ConfigError("template", f"unknown chat template {name!r}; valid: {', '.join(TEMPLATES)}") from None
 
 

@@ -29,8 +29,8 @@ optional), or a string with ``system``; ``chosen`` / ``rejected`` are mostly str
 assistant messages; ``task`` and ``kind`` (which corruption made ``rejected``) are extra fields for
 analysis, ignored by the reader.
 
-    python tanuki/sample_data/make_dpo.py                # rewrite dpo.jsonl and dpo_eval.jsonl
-    python tanuki/sample_data/make_dpo.py --out-dir /tmp/dpo --pairs 5000 --seed 1
+    python scripts/sample_data/make_dpo.py                # rewrite dpo.jsonl and dpo_eval.jsonl
+    python scripts/sample_data/make_dpo.py --out-dir /tmp/dpo --pairs 5000 --seed 1
 
 The same arguments always give the same bytes.
 """
@@ -47,6 +47,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 HERE = Path(__file__).resolve().parent
+#: the package's sample data (``tanuki/sample_data/``): where the generated files go by default
+DATA = HERE.parents[1] / "tanuki" / "sample_data"
 #: seed and size of the committed files
 SAMPLE_SEED = 0
 SAMPLE_PAIRS = 1000
@@ -456,7 +458,7 @@ def write_jsonl(path: str | Path, records: list[dict]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out-dir", default=str(HERE), help="directory for dpo.jsonl and dpo_eval.jsonl")
+    parser.add_argument("--out-dir", default=str(DATA), help="directory for dpo.jsonl and dpo_eval.jsonl")
     parser.add_argument("--pairs", type=int, default=SAMPLE_PAIRS, help="training pairs")
     parser.add_argument("--seed", type=int, default=SAMPLE_SEED)
     args = parser.parse_args()

@@ -20,8 +20,8 @@ eval record is ``{"messages": [... ending with the user turn], "answer": "...", 
 a prediction is right when it equals ``answer`` (``tanuki.data.sft.exact_match``). Eval prompts come
 in the same shapes as the training prompts of their family.
 
-    python tanuki/sample_data/make_sft.py                # rewrite sft.jsonl and sft_eval.jsonl
-    python tanuki/sample_data/make_sft.py --out-dir /tmp/sft --train 5000 --seed 1
+    python scripts/sample_data/make_sft.py                # rewrite sft.jsonl and sft_eval.jsonl
+    python scripts/sample_data/make_sft.py --out-dir /tmp/sft --train 5000 --seed 1
 
 The same arguments always give the same bytes.
 """
@@ -37,6 +37,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 HERE = Path(__file__).resolve().parent
+#: the package's sample data (``tanuki/sample_data/``): where the generated files go by default
+DATA = HERE.parents[1] / "tanuki" / "sample_data"
 SAMPLE_SEED = 0
 #: training conversations and held-out eval prompts of the committed files
 SAMPLE_TRAIN = 2000
@@ -512,7 +514,7 @@ def write_jsonl(path: str | Path, records: list[dict]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out-dir", default=str(HERE), help="directory for sft.jsonl and sft_eval.jsonl")
+    parser.add_argument("--out-dir", default=str(DATA), help="directory for sft.jsonl and sft_eval.jsonl")
     parser.add_argument("--train", type=int, default=SAMPLE_TRAIN, help="training conversations")
     parser.add_argument("--eval", type=int, default=SAMPLE_EVAL, help="held-out eval prompts (about)")
     parser.add_argument("--seed", type=int, default=SAMPLE_SEED)

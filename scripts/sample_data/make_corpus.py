@@ -1,16 +1,16 @@
 """Generate tanuki's bilingual sample corpus (Japanese, English, code, numbers) deterministically.
 
-The corpus is the hand-written text in ``seed/`` (one document per paragraph of ``ja.txt`` and
-``en.txt``, one per ``%%``-separated snippet of ``code.txt``) plus documents made from templates
-whose content is consistent and therefore learnable: weather reports whose temperatures follow the
-month and the city, diaries whose weekday matches the date, receipts that add up, word problems
-with correct answers, timetables whose times agree, conversions, recipes scaled to the number of
-servings, and small programs whose printed results are right.
+The corpus is the hand-written text in ``tanuki/sample_data/seed/`` (one document per paragraph of
+``ja.txt`` and ``en.txt``, one per ``%%``-separated snippet of ``code.txt``) plus documents made
+from templates whose content is consistent and therefore learnable: weather reports whose
+temperatures follow the month and the city, diaries whose weekday matches the date, receipts that
+add up, word problems with correct answers, timetables whose times agree, conversions, recipes
+scaled to the number of servings, and small programs whose printed results are right.
 
 Each line of the output is ``{"text": ..., "lang": "ja" | "en" | "code"}``.
 
-    python tanuki/sample_data/make_corpus.py                              # rewrite corpus.jsonl (~450 KB)
-    python tanuki/sample_data/make_corpus.py --out /tmp/bench.jsonl --size-mb 25 --seed 1
+    python scripts/sample_data/make_corpus.py                             # rewrite corpus.jsonl (~450 KB)
+    python scripts/sample_data/make_corpus.py --out /tmp/bench.jsonl --size-mb 25 --seed 1
         # a larger corpus for benchmarks: beyond the sample size it adds hand-written sentences in
         # random order and sentence frames filled from a made-up lexicon, for a real-sized vocabulary
 
@@ -29,6 +29,9 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 HERE = Path(__file__).resolve().parent
+#: the package's sample data (``tanuki/sample_data/``): the hand-written ``seed/`` text, and where
+#: ``corpus.jsonl`` is written by default
+DATA = HERE.parents[1] / "tanuki" / "sample_data"
 #: size of the committed corpus.jsonl
 SAMPLE_BYTES = 450_000
 SAMPLE_SEED = 0
@@ -798,12 +801,12 @@ GENERATORS: list[tuple[Callable, float]] = [
 
 
 def seed_documents() -> list[tuple[str, str]]:
-    """(text, lang) of every hand-written document in ``seed/``."""
+    """(text, lang) of every hand-written document in ``tanuki/sample_data/seed/``."""
     docs = []
     for lang in ("ja", "en"):
-        text = (HERE / "seed" / f"{lang}.txt").read_text(encoding="utf-8")
+        text = (DATA / "seed" / f"{lang}.txt").read_text(encoding="utf-8")
         docs += [(p.strip(), lang) for p in text.split("\n\n") if p.strip()]
-    code = (HERE / "seed" / "code.txt").read_text(encoding="utf-8")
+    code = (DATA / "seed" / "code.txt").read_text(encoding="utf-8")
     docs += [(s.strip("\n") + "\n", "code") for s in code.split("\n%%\n") if s.strip()]
     return docs
 
@@ -944,7 +947,7 @@ def write_corpus(path: str | os.PathLike, target_bytes: int = SAMPLE_BYTES, seed
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=str(HERE / "corpus.jsonl"), help="output JSONL path")
+    parser.add_argument("--out", default=str(DATA / "corpus.jsonl"), help="output JSONL path")
     parser.add_argument("--size-mb", type=float, default=SAMPLE_BYTES / 1e6, help="approximate size in MB")
     parser.add_argument("--seed", type=int, default=SAMPLE_SEED)
     args = parser.parse_args()
