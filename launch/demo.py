@@ -174,6 +174,11 @@ def main(out: Path, steps: int = 200, sft_steps: int = 100, dpo_steps: int = 80)
     if max(abs(a - b) for a, b in zip(one, two)) > 1e-4:
         raise SystemExit("demo: tensor parallelism changed the losses")
 
+    step("11. Japanese benchmarks (lm-evaluation-harness, offline) of the chat model on the bundled items")
+    print("(12 hand-written items per task in the JGLUE layout: a smoke test of the pipeline, not the benchmark;\n"
+          " prepare the real data once with launch/evaluate.py mode=prepare, see the README)")
+    run("launch/evaluate.py", f"model={rel}/dpo/hf", "data_dir=sample", "apply_chat_template=true", "max_gen_toks=32")
+
     print(f"\ndemo finished in {time.time() - t0:.0f} s; outputs in {out}")
 
 

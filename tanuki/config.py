@@ -461,6 +461,11 @@ class ExportConfig:
     dir: Optional[str] = None
 
 
+# The benchmark config lives with the evaluation; imported here, after the configs it uses exist, because
+# tanuki.evaluate imports them from this module.
+from tanuki.evaluate import EvalConfig  # noqa: E402
+
+
 @dataclass(frozen=True, kw_only=True)
 class StageConfig:
     """The sections every training stage has (pretraining, SFT, DPO): what the shared loop and the
@@ -472,6 +477,8 @@ class StageConfig:
     run: RunConfig = field(default_factory=RunConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    #: benchmarks (lm-evaluation-harness) on saved checkpoints during training; off by default
+    eval: EvalConfig = field(default_factory=EvalConfig)
     #: auto = continue from the latest complete checkpoint of run.dir if there is one; never = start
     #: fresh (fails if run.dir already has checkpoints); or a checkpoint directory to start from
     resume: str = "auto"

@@ -39,6 +39,7 @@ from tanuki.checkpoint import (
     set_rng_state,
 )
 from tanuki.config import StageConfig
+from tanuki.evaluate import evaluate_checkpoint
 from tanuki.metrics import MetricsLogger, format_duration, read_metrics
 from tanuki.optim import Schedule, lr_at
 from tanuki.parallel.env import DistEnv, all_reduce, barrier
@@ -323,9 +324,14 @@ def train(
 
             # -- checkpoint ---------------------------------------------------------------------
             stopping = bool(all_reduce(torch.tensor(float(stop.requested), device=device), op=dist.ReduceOp.MAX).item())
-            if step % cfg.checkpoint.every == 0 or step == total_steps or stopping:
+            if step % cfg.checkpoint.every == 0 or step == total_steps or stopping or cfg.eval.due(step, total_steps):
                 last_ckpt = save_checkpoint(engine, ckpt_root, step, state_dict(), env, cfg.checkpoint.keep_last)
                 print_fn(f"step {step}/{total_steps} | checkpoint {last_ckpt}")
+            if cfg.eval.due(step, total_steps):
+                # Rank 0 benchmarks the saved checkpoint in no collective; the others wait at the barrier.
+                if env.is_main:
+                    evaluate_checkpoint(last_ckpt, run_dir, cfg.eval, print_fn, logger=logger)
+                barrier()
             if stopping:
                 print_fn(f"step {step}/{total_steps} | stop requested by a signal: checkpoint written, exiting "
                          "(resume=auto continues)")

@@ -34,6 +34,7 @@ SCHEMAS = {
     "chat": ("tanuki.chat:ChatConfig", ["model=hf"]),
     "merge_moe": ("tanuki.merge_moe:MergeMoEConfig", ["base=a", "experts=[b,c]", "output=out"]),
     "weight_diff": ("tanuki.weight_diff:WeightDiffConfig", ["mode=make", "raw=raw", "tuned=tuned", "output=out"]),
+    "evaluate": ("tanuki.evaluate:EvaluateConfig", ["model=hf", "data_dir=data"]),
 }
 
 
