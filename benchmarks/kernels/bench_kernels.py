@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import inspect
+import os
 import platform
 import sys
 import time
@@ -222,8 +223,16 @@ def swiglu_cases(device, dtype, tokens_list, ffn_list, compile_backend) -> list[
     return cases
 
 
+def _interpreted() -> bool:
+    """Liger-Kernel's launchers do not run under Triton's CPU interpreter (they fail inside their kernels,
+    e.g. AttributeError: 'float' object has no attribute 'to'), so its rows are GPU-only."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def _liger_swiglu():
     """Liger's fused ``silu(a) * b``, or None without liger-kernel."""
+    if _interpreted():
+        return None
     try:
         from liger_kernel.ops.swiglu import LigerSiLUMulFunction
     except ImportError:
@@ -233,6 +242,8 @@ def _liger_swiglu():
 
 def _liger_rms_norm():
     """Factory of Liger RMSNorm forwards sharing tanuki's weight, or None without liger-kernel."""
+    if _interpreted():
+        return None
     try:
         from liger_kernel.transformers.rms_norm import LigerRMSNorm
     except ImportError:
@@ -261,6 +272,8 @@ def _liger_rms_norm():
 
 def _liger_rotary():
     """Factory of Liger rotary forwards on tanuki's (B, T, H, D) layout, or None without liger-kernel."""
+    if _interpreted():
+        return None
     try:
         from liger_kernel.transformers.rope import liger_rotary_pos_emb
     except ImportError:
