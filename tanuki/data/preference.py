@@ -309,8 +309,9 @@ def render_pair(pair: PreferencePair, template: Union[ChatTemplate, str], *, bos
     for content in (pair.chosen, pair.rejected):
         full = template.render([*pair.prompt, {"role": "assistant", "content": content}],
                                bos_token=bos_token, eos_token=eos_token)
+        # What the template writes after the end-of-turn token (ChatML's newline) is not scored.
         a, b = full.assistant_spans[-1]
-        if not full.text.startswith(prompt) or (a, b) != (len(prompt), len(full.text)):
+        if not full.text.startswith(prompt) or a != len(prompt) or full.text[b:].strip():
             raise ValueError(f"{pair.source}: template {template.name!r} does not render an assistant turn as the "
                              "generation prompt followed by content + EOS; it cannot be used for preference data")
         completions.append(full.text[a:b])
@@ -382,7 +383,7 @@ def tokenize_pairs(
         for k, (pair, _) in enumerate(batch):
             prompt, chosen, rejected = (np.asarray(x, dtype=np.int64) for x in ids[3 * k : 3 * k + 3])
             try:
-                out.append(_split(pair, prompt, chosen, rejected, info.eos_id))
+                out.append(_split(pair, prompt, chosen, rejected, info.turn_end_id))
             except PreferenceDataError as e:
                 stats.skip_or_raise(e, on_error)
     return out
