@@ -232,3 +232,75 @@ def test_template_files_and_names(tiny_corpus, tmp_path):
     with pytest.raises(ConfigError, match="has no chat template"):
         resolve_template("auto", tmp_path)
     assert read_chat_template(tmp_path) is None
+
+
+# The stages from their entry points (prepare + run, as launch/sft.py and launch/dpo.py call them) on a
+# tiny random Llama whose tokenizer carries the ChatML template.
+
+STAGE = ["train.micro_batch_size=2", "train.global_batch_size=4", "train.max_steps=3", "train.warmup_steps=0",
+         "train.eval_every=0", "logging.every=1", "logging.wandb.mode=disabled", "checkpoint.every=100",
+         "train.precision=fp32", "kernels=torch", "export.dtype=float32"]
+
+
+@pytest.fixture(scope="module")
+def chatml_model(tiny_corpus, tmp_path_factory):
+    import torch
+
+    from tanuki.config import ModelConfig
+    from tanuki.hf import export_hf
+    from tanuki.model import build_model
+    from tanuki.tokenizer import sample_data_path
+
+    tmp = tmp_path_factory.mktemp("chatml_model")
+    tok = make_tokenizer(tiny_corpus["tokenizer"], tmp / "tok", CHATML, bos_token=None, eos_token="<|im_end|>",
+                         extra=["<|im_start|>"])
+    cfg = ModelConfig(n_layers=2, dim=64, n_heads=4, n_kv_heads=2, ffn_dim=128, vocab_size=len(tok) + 6,
+                      max_seq_len=256)
+    export_hf(build_model(cfg, seed=0).state_dict(), cfg, tmp / "base", dtype=torch.float32, tokenizer_dir=tmp / "tok")
+    for name, n in (("sft.jsonl", 64), ("dpo.jsonl", 16)):
+        lines = sample_data_path(name).read_text(encoding="utf-8").splitlines()[:n]
+        (tmp / name).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return tmp
+
+
+def run_stage(name, overrides, run_dir):
+    import importlib
+
+    from conftest import compose
+
+    from tanuki.config import from_dict
+    from tanuki.parallel.env import DistEnv
+
+    stage = importlib.import_module(f"tanuki.{name}")
+    config_class = stage.SFTConfig if name == "sft" else stage.DPOConfig
+    env = DistEnv(0, 1, 0, "single")
+    lines = []
+    prep = stage.prepare(from_dict(config_class, compose(name, [*overrides, f"run.dir={run_dir}", *STAGE])), env)
+    result = stage.run(prep, env, run_dir.resolve(), print_fn=lines.append)
+    return result, lines
+
+
+@pytest.mark.distributed
+def test_lora_sft_then_dpo_with_a_chatml_model(chatml_model, single_process_group, tmp_path):
+    import math
+
+    from transformers import AutoTokenizer
+
+    base = chatml_model / "base"
+    source = str(base / "chat_template.jinja")
+    result, lines = run_stage("sft", [f"init={base}", f"data.path={chatml_model / 'sft.jsonl'}", "method=lora",
+                                      "lora.r=4", "lora.alpha=8", "lora.dropout=0.0", "train.lr=1e-2",
+                                      "train.seq_len=128"], tmp_path / "sft")
+    losses = [r["loss"] for r in result.history if "loss" in r]
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    assert any(f"SFT (lora, template auto ({source}))" in ln for ln in lines)
+    sft_dir = tmp_path / "sft" / "hf"
+    assert AutoTokenizer.from_pretrained(sft_dir).chat_template == CHATML  # the model keeps its own template
+    assert (tmp_path / "sft" / "adapter" / "adapter_config.json").is_file()
+
+    result, lines = run_stage("dpo", [f"init={sft_dir}", f"data.path={chatml_model / 'dpo.jsonl'}", "train.lr=1e-3",
+                                      "train.seq_len=192", "data.max_prompt_length=150"], tmp_path / "dpo")
+    steps = [r for r in result.history if "loss" in r]
+    assert steps[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # policy == reference before the update
+    assert any(f"template auto ({sft_dir / 'chat_template.jinja'})" in ln for ln in lines)
+    assert AutoTokenizer.from_pretrained(tmp_path / "dpo" / "hf").chat_template == CHATML
