@@ -304,3 +304,18 @@ def test_lora_sft_then_dpo_with_a_chatml_model(chatml_model, single_process_grou
     assert steps[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # policy == reference before the update
     assert any(f"template auto ({sft_dir / 'chat_template.jinja'})" in ln for ln in lines)
     assert AutoTokenizer.from_pretrained(tmp_path / "dpo" / "hf").chat_template == CHATML
+
+
+def test_a_conversation_the_template_refuses_is_a_data_error(tokenizers):
+    from tanuki.data.records import SFTDataError
+    from tanuki.data.sft import SFTStats
+
+    directory, tok, _ = tokenizers["command_r"]
+    template = resolve_template("auto", directory)
+    bad = Conversation((TURNS[0], TURNS[2], TURNS[1]), "data.jsonl:3")  # two user turns in a row
+    with pytest.raises(SFTDataError, match="data.jsonl:3: .*Conversation roles must alternate"):
+        tokenize_conversations([bad], tok, template)
+    stats = SFTStats()
+    good = Conversation(tuple(TURNS[:2]), "data.jsonl:1")
+    assert len(tokenize_conversations([good, bad], tok, template, on_error="skip", stats=stats)) == 1
+    assert stats.skipped == {"template_refused": 1}

@@ -72,6 +72,7 @@ from tanuki.data.records import (
     validate_messages,
 )
 from tanuki.losses import IGNORE_INDEX
+from tanuki.tokenizer.jinja_template import TemplateRefused
 from tanuki.tokenizer.templates import ChatTemplate
 
 #: the keys of a preference micro-batch (see the module docstring)
@@ -372,10 +373,14 @@ def tokenize_pairs(
         for pair in pairs[lo : lo + batch_size]:
             try:
                 _check_special_texts(pair, info)
+                try:
+                    rendered = render_pair(pair, template, bos_token=info.bos or "", eos_token=info.eos)
+                except TemplateRefused as e:
+                    raise PreferenceDataError(pair.source, "template_refused", str(e)) from None
             except PreferenceDataError as e:
                 stats.skip_or_raise(e, on_error)
                 continue
-            batch.append((pair, render_pair(pair, template, bos_token=info.bos or "", eos_token=info.eos)))
+            batch.append((pair, rendered))
         if not batch:
             continue
         texts = [t for _, r in batch for t in (r.prompt, r.prompt + r.chosen, r.prompt + r.rejected)]

@@ -71,6 +71,7 @@ from tanuki.data.records import (
     split_conversations,
 )
 from tanuki.losses import IGNORE_INDEX
+from tanuki.tokenizer.jinja_template import TemplateRefused
 from tanuki.tokenizer.templates import ChatTemplate, Rendered
 
 __all__ = [  # with the names the SFT stage imports from here, though they live in tanuki.data.records
@@ -236,10 +237,14 @@ def tokenize_conversations(
                     if bad is not None:
                         raise SFTDataError(conv.source, "special_token_text",
                                            f"a {m['role']} message contains the special token text {bad!r}")
+                try:
+                    rendered = template.render(conv.messages, bos_token=info.bos or "", eos_token=info.eos)
+                except TemplateRefused as e:
+                    raise SFTDataError(conv.source, "template_refused", str(e)) from None
             except SFTDataError as e:
                 stats.skip_or_raise(e, on_error)
                 continue
-            batch.append((conv, template.render(conv.messages, bos_token=info.bos or "", eos_token=info.eos)))
+            batch.append((conv, rendered))
         if not batch:
             continue
         enc = tokenizer([r.text for _, r in batch], add_special_tokens=False, return_offsets_mapping=True)

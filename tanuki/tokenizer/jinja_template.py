@@ -79,6 +79,11 @@ def special_token_texts(tokenizer) -> tuple[str, ...]:
     return tuple(sorted((t for t in texts if t), key=len, reverse=True))
 
 
+class TemplateRefused(TemplateError):
+    """The template itself refused a conversation (its ``raise_exception``, e.g. roles that do not
+    alternate): a property of the record, skipped and counted with ``data.on_error=skip``."""
+
+
 class JinjaRenderer:
     """Renders a Jinja chat template as transformers does and splits the text into assistant and other
     parts (the ``parts`` of a :class:`ChatTemplate`; see the module docstring)."""
@@ -98,7 +103,7 @@ class JinjaRenderer:
             rendered, _ = render_jinja_template([list(messages)], chat_template=self.jinja,
                                                 add_generation_prompt=add_generation_prompt, **kwargs)
         except JinjaError as e:
-            raise TemplateError(f"the chat template of {self.source} refused the conversation: {e}") from None
+            raise TemplateRefused(f"the chat template of {self.source} refused the conversation: {e}") from None
         return rendered[0]
 
     def _refuse(self, why: str) -> TemplateError:
@@ -161,10 +166,10 @@ def template_from_jinja(jinja: str, tokenizer, source: str | Path) -> ChatTempla
     for probe in PROBES:
         try:
             probed.append((renderer.text(probe, False, bos, eos), renderer.parts(probe, bos, eos, False)))
-        except TemplateError as e:
-            if "refused the conversation" not in str(e):
-                raise ConfigError("template", str(e)) from None
+        except TemplateRefused as e:
             refused.append(str(e))  # e.g. a template that raises on a system message: probe without one
+        except TemplateError as e:
+            raise ConfigError("template", str(e)) from None
     if not probed:
         raise ConfigError("template", refused[-1])
     text, parts = probed[-1]
