@@ -19,13 +19,17 @@ from typing import Optional, Union
 import numpy as np
 
 from tanuki.data.records import SFTDataError
-from tanuki.tokenizer.templates import ChatTemplate, Rendered, get_template
+from tanuki.tokenizer.templates import AUTO, ChatTemplate, Rendered, get_template
 
 _BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 
 def as_template(template: Union[ChatTemplate, str]) -> ChatTemplate:
-    """The template called ``template``, or ``template`` itself when it is one."""
+    """The template called ``template``, or ``template`` itself when it is one. (``auto`` needs the
+    tokenizer: resolve it with :func:`tanuki.tokenizer.jinja_template.resolve_template`.)"""
+    if template == AUTO:
+        raise ValueError("template 'auto' is resolved against a tokenizer directory first "
+                         "(tanuki.tokenizer.jinja_template.resolve_template)")
     return get_template(template) if isinstance(template, str) else template
 
 
