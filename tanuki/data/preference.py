@@ -14,8 +14,10 @@ Read in the order of the data flow:
    policy): ``identical="skip"`` counts and drops it, ``identical="fail"`` stops.
 2. :func:`render_pair`: the prompt is the rendering of the prompt messages *with* the generation
    prompt; a completion is the text the template writes for the assistant turn after it, i.e. the
-   assistant content + EOS (the template's own EOS: never a second one). The text of prompt +
-   completion equals the rendering of the whole conversation (checked for every pair).
+   assistant content + EOS (the template's own EOS, or its end-of-turn token such as ``<|im_end|>``:
+   never a second one). The text of prompt + completion equals the rendering of the whole
+   conversation up to that token (checked for every pair; what a template writes after it, such as
+   ChatML's newline, is not scored).
 3. :func:`tokenize_pairs`: the prompt text and the two full texts are tokenized with
    ``add_special_tokens=False`` (the template writes BOS), so the prompt ids equal
    ``apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)`` and the full ids equal

@@ -15,7 +15,9 @@ Read in the order of the data flow:
    the ``<s>`` / ``</s>`` text it writes is matched as the special tokens, exactly as
    ``apply_chat_template(tokenize=True)`` does), and mark as targets the tokens whose characters lie
    in an assistant content + EOS span of the rendering (``return_offsets_mapping``; the masks of
-   :mod:`tanuki.data.chat_tokens`). The masks come from the rendering, never from searching the ids
+   :mod:`tanuki.data.chat_tokens`). A template read from the model (``template=auto``,
+   :mod:`tanuki.tokenizer.jinja_template`) ends each span with its own end-of-turn token instead
+   (``<|im_end|>``, ``<|eot_id|>``, ...). The masks come from the rendering, never from searching the ids
    for a response marker.
 3. :func:`fit_to_length`: the truncation policy for samples longer than ``seq_len`` (``drop``, or
    ``truncate``: keep the head, drop it if no target is left), counted in :class:`SFTStats`.
