@@ -39,7 +39,7 @@ from typing import Literal
 
 import torch
 
-from tanuki.config import ConfigError, ModelConfig, PlanConfig, PretrainConfig, _check_model_parallel, require
+from tanuki.config import ConfigError, ModelConfig, PlanConfig, PretrainConfig, require
 from tanuki.hf import HFFormatError, model_config_from_hf, read_hf_config
 from tanuki.lora import TARGET_PATHS, LoraConfig
 from tanuki.model import ParamCounts, Transformer, count_parameters
