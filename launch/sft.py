@@ -3,6 +3,8 @@
 Usage:
     # full fine-tuning in the Japanese Alpaca format (llm-jp-3-instruct / Tanuki-8B recipe)
     python launch/sft.py init=hf/tiny data.path=tanuki/sample_data/sft.jsonl template=alpaca_ja run.dir=runs/sft
+    # any imported model in its own chat template (template=auto, the default: ChatML, Llama 3, Command-R, ...)
+    deepspeed launch/sft.py init=hf/qwen2.5-7b-instruct data.path=data/sft_ja.jsonl method=lora
     deepspeed launch/sft.py init=hf/8b data.path=[data/sft_ja.jsonl,data/sft_en.jsonl] train.lr=2e-5 ...
 
     # LoRA r=64, alpha=128, dropout 0.05 on all projections (the Command-R Japanese recipe)

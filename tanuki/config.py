@@ -517,13 +517,6 @@ class PretrainConfig(StageConfig):
 
 
 @dataclass(frozen=True)
-class ModelInfoConfig(PretrainConfig):
-    """``conf/model_info.yaml``: the pretraining config plus the cluster to plan for."""
-
-    plan: PlanConfig = field(default_factory=PlanConfig)
-
-
-@dataclass(frozen=True)
 class ExportHFConfig:
     """``conf/export_hf.yaml``: write a tanuki model or checkpoint as a Hugging Face directory."""
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +41,8 @@ from tanuki.losses import chosen_nll, dpo_loss, dpo_metrics, sequence_logps
 from tanuki.parallel.env import DistEnv
 from tanuki.parallel.zero import build_engine
 from tanuki.sft import SFTExportConfig, export_hook, fine_tuning_train_config
-from tanuki.tokenizer.templates import TEMPLATES, get_template
+from tanuki.tokenizer.jinja_template import resolve_template, template_label
+from tanuki.tokenizer.templates import AUTO, ChatTemplate, check_template_name
 from tanuki.train import Stage, StepOutput, train_and_close
 
 RESUME_KEYS = ("init", "method", "lora", "template", "loss", "reference", "parallel.tp", "parallel.zero_stage")
@@ -81,8 +81,9 @@ class DPOConfig(StageConfig):
     #: the model to optimise (usually an SFT export); also the reference
     init: str
     data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)
-    #: chat template for rendering prompts and completions; null = the one in init's tokenizer
-    template: Optional[str] = None
+    #: chat template for rendering prompts and completions: auto (the one in init's tokenizer, any Jinja
+    #: template) | alpaca_ja | llmjp | tulu
+    template: str = AUTO
     loss: LossConfig = field(default_factory=LossConfig)
     #: model: a frozen copy of init (or the LoRA base) scored live | precompute: scored once before training
     reference: Literal["model", "precompute"] = "model"
@@ -94,8 +95,7 @@ class DPOConfig(StageConfig):
     export: SFTExportConfig = field(default_factory=SFTExportConfig)
 
     def __post_init__(self) -> None:
-        if self.template is not None:
-            get_template(self.template)
+        check_template_name(self.template)
         if self.method == "lora" and self.parallel.tp > 1:
             raise ConfigError("method", "LoRA with tensor parallelism (parallel.tp > 1) is not supported; use tp=1")
 
@@ -105,23 +105,8 @@ class PreparedDPO:
     cfg: DPOConfig
     model: ModelConfig
     tokenizer_dir: str
-    template: str
-
-
-def resolve_template(cfg: DPOConfig, tokenizer_dir: str) -> str:
-    """``template``, else the tanuki template whose Jinja is the tokenizer's chat template."""
-    if cfg.template is not None:
-        return cfg.template
-    config = json.loads((Path(tokenizer_dir) / "tokenizer_config.json").read_text(encoding="utf-8"))
-    jinja = config.get("chat_template")
-    jinja_file = Path(tokenizer_dir) / "chat_template.jinja"
-    if jinja_file.is_file():
-        jinja = jinja_file.read_text(encoding="utf-8")
-    for name, t in TEMPLATES.items():
-        if jinja == t.jinja:
-            return name
-    raise ConfigError("template", f"the chat template of {tokenizer_dir} is not one of tanuki's "
-                                  f"({', '.join(sorted(TEMPLATES))}); name the one it was trained with: template=<name>")
+    #: ``cfg.template`` resolved against the tokenizer
+    template: ChatTemplate
 
 
 def prepare(cfg: DPOConfig, env: DistEnv) -> PreparedDPO:
@@ -132,7 +117,7 @@ def prepare(cfg: DPOConfig, env: DistEnv) -> PreparedDPO:
     plumbing.check_tokenizer_dir(tok)
     plumbing.check_data_paths(cfg.data.paths, "<pairs.jsonl>")
     plumbing.check_layout(cfg, env)
-    return PreparedDPO(cfg, model, tok, resolve_template(cfg, tok))
+    return PreparedDPO(cfg, model, tok, resolve_template(cfg.template, tok))
 
 
 def pair_logps(model, batch: dict[str, torch.Tensor], *, average: bool, vocab_limit, vocab_parallel):
@@ -230,7 +215,7 @@ def precompute_reference(engine, dataset, *, micro_batch_size: int, dp_rank: int
 def run(prep: PreparedDPO, env: DistEnv, run_dir: Path, print_fn: Callable[[str], None] = print):
     """Optimise preferences inside an initialised process group; returns the TrainResult."""
     cfg, tc = prep.cfg, prep.cfg.train
-    config = {**to_dict(cfg), "model": to_dict(prep.model), "template": prep.template}
+    config = {**to_dict(cfg), "model": to_dict(prep.model), "template": prep.template.name}
     resume = plan_resume(cfg.resume, run_dir, config, RESUME_KEYS, env, cfg.parallel)
     setup = plumbing.start_stage(cfg, env)
     groups, dp_size, dp_rank = setup.groups, setup.dp_size, setup.dp_rank
@@ -289,7 +274,7 @@ def run(prep: PreparedDPO, env: DistEnv, run_dir: Path, print_fn: Callable[[str]
         cfg, env, config, prep.tokenizer_dir, run_dir, print_fn=print_fn,
         summary=f"DPO ({cfg.loss.type}, beta {cfg.loss.beta}, {cfg.method}, reference {cfg.reference}) of {cfg.init}: "
         f"{trainable:,} trainable parameters on {plumbing.describe_layout(setup, env, cfg)}; template "
-        f"{prep.template}; data: {data.summary()}; {total_steps} steps; run dir {run_dir}",
+        f"{template_label(prep.template)}; data: {data.summary()}; {total_steps} steps; run dir {run_dir}",
     )
 
     stage = Stage(
@@ -327,9 +312,8 @@ def preference_accuracy(model_dir: str | Path, pairs_path: str | Path, *, templa
                         seq_len: int = 256, max_prompt_length: int | None = None, micro_batch_size: int = 8) -> dict:
     """How often a Hugging Face model gives its chosen completion a higher log-probability than the
     rejected one, over the pairs of a JSONL file (no reference involved): ``{"accuracy", "pairs"}``."""
-    cfg = DPOConfig(init=str(model_dir), template=template)
-    name = resolve_template(cfg, str(model_dir))
     tokenizer = PreTrainedTokenizerFast.from_pretrained(str(model_dir))
+    name = resolve_template(template or AUTO, str(model_dir), tokenizer)
     data = build_preference_datasets(PreferenceDataConfig(path=str(pairs_path), max_prompt_length=max_prompt_length),
                                      tokenizer, name, seq_len)
     model = import_hf(model_dir).eval()

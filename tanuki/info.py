@@ -19,18 +19,88 @@ parts only with sequence parallelism (Korthikanti et al. 2022). With activation 
 keeps only its input (2h bytes) and one layer's activations are live during recomputation. The loss
 adds about 10 bytes per vocabulary entry per token at its peak (bf16 logits, fp32 copy, fp32
 log-softmax).
+
+Fine-tuning (``init=<HF dir>``: the architecture of its ``config.json``; no weight is read). Full
+fine-tuning is the plan above. LoRA (Hu et al. 2021; ``method=lora``) trains ``r x (in + out)``
+parameters per adapted linear layer (the ``lora.target_modules`` of every layer, shapes from the model
+built on the meta device), plus the embedding / head when ``lora.train_embeddings`` / ``train_head``:
+those take the 16 bytes per parameter above under the same ZeRO stage, while the frozen base keeps only
+its bf16 weights (2 bytes per parameter, partitioned over the data-parallel ranks by ZeRO-3, whole on
+every GPU otherwise): no gradients and no optimizer state. The activations are those of full
+fine-tuning (gradients still flow back through every layer to the adapters) plus, per adapted layer
+and token, the rank-``r`` product ``A x`` (``2r`` bytes) and with ``lora.dropout > 0`` the dropped-out
+input and its mask (``3 x in`` bytes). LoRA runs without tensor parallelism (``tanuki.lora``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from typing import Literal
 
 import torch
 
-from tanuki.config import ConfigError, ModelConfig, ModelInfoConfig
+from tanuki.config import ConfigError, ModelConfig, PlanConfig, PretrainConfig, require
+from tanuki.hf import HFFormatError, model_config_from_hf, read_hf_config
+from tanuki.lora import TARGET_PATHS, LoraConfig
 from tanuki.model import ParamCounts, Transformer, count_parameters
 
 GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class ModelInfoConfig(PretrainConfig):
+    """``conf/model_info.yaml``: the pretraining config plus the cluster to plan for. With ``init`` (a
+    Hugging Face directory; only its ``config.json`` is read) its architecture replaces ``model``. (It
+    lives here, not in :mod:`tanuki.config`, because it holds a :class:`~tanuki.lora.LoraConfig`.)"""
+
+    plan: PlanConfig = field(default_factory=PlanConfig)
+    #: what trains: ``full`` (every weight: pretraining or full fine-tuning) | ``lora`` (adapters on a
+    #: frozen bf16 base; the full fine-tuning plan is printed beside it)
+    method: Literal["full", "lora"] = "full"
+    #: the adapters of ``method=lora`` (the keys of ``conf/sft.yaml``'s ``lora``)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+    def __post_init__(self) -> None:
+        if self.init is None:  # else the same checks are made on init's architecture (planned_model)
+            super().__post_init__()
+        require(self.method != "lora" or self.parallel.tp == 1, "method",
+                "LoRA with tensor parallelism (parallel.tp > 1) is not supported; plan it with parallel.tp=1")
+
+
+def planned_model(cfg: ModelInfoConfig) -> ModelConfig:
+    """``model``, or the architecture of ``init``'s ``config.json`` (checked against ``train`` and
+    ``parallel`` as a pretraining config checks ``model``)."""
+    if cfg.init is None:
+        return cfg.model
+    try:
+        model = model_config_from_hf(read_hf_config(cfg.init), source=f"{cfg.init}/config.json")
+    except (FileNotFoundError, HFFormatError) as e:
+        raise ConfigError("init", str(e)) from None
+    PretrainConfig.__post_init__(replace(cfg, init=None, model=model))  # type: ignore[misc]
+    return model
+
+
+def lora_adapted_shapes(cfg: ModelConfig, lora: LoraConfig) -> list[tuple[int, int]]:
+    """``(in_features, out_features)`` of every linear layer :func:`tanuki.lora.apply_lora` adapts: the
+    ``lora.target_modules`` of each decoder layer, read from the model built on the meta device."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    suffixes = tuple("." + TARGET_PATHS[t] for t in lora.target_modules)
+    return [(m.in_features, m.out_features) for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and ("." + name).endswith(suffixes)]
+
+
+def lora_trainable_parameters(cfg: ModelConfig, lora: LoraConfig) -> int:
+    """Parameters LoRA trains: ``r x (in + out)`` per adapted layer, plus the embedding and the head
+    when trained (``vocab x dim`` each)."""
+    adapters = sum(lora.r * (i + o) for i, o in lora_adapted_shapes(cfg, lora))
+    return adapters + (int(lora.train_embeddings) + int(lora.train_head)) * cfg.vocab_size * cfg.dim
+
+
+def lora_activation_bytes(cfg: ModelConfig, lora: LoraConfig, micro_batch: int, seq_len: int) -> float:
+    """Activation bytes the adapters add to a micro-batch, all layers (see the module docstring)."""
+    per_token = sum(2 * lora.r + (3 * i if lora.dropout > 0 else 0) for i, _ in lora_adapted_shapes(cfg, lora))
+    return per_token * micro_batch * seq_len
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
@@ -116,6 +186,26 @@ def memory_plan(cfg: ModelConfig, params: int, gpus: int, tp: int, sp: bool, zer
     )
 
 
+def lora_memory_plan(cfg: ModelConfig, lora: LoraConfig, params: int, gpus: int, sp: bool, zero_stage: int,
+                     micro_batch: int, seq_len: int) -> MemoryPlan:
+    """The per-GPU plan of LoRA (no tensor parallelism): the frozen base in bf16 (2 bytes per parameter,
+    partitioned by ZeRO-3), the trained parameters with their gradients and AdamW states (16 bytes per
+    parameter under ``zero_stage``), and the activations of full fine-tuning plus the adapters'."""
+    full = memory_plan(cfg, params, gpus, 1, sp, zero_stage, micro_batch, seq_len)
+    adapters = sum(lora.r * (i + o) for i, o in lora_adapted_shapes(cfg, lora))
+    trainable = lora_trainable_parameters(cfg, lora)
+    frozen = params - (trainable - adapters)  # the trained embedding / head are not frozen
+    base = 2 * frozen / (full.dp if zero_stage >= 3 else 1)
+    extra = lora_activation_bytes(cfg, lora, micro_batch, seq_len)
+    return MemoryPlan(
+        states_per_gpu=base + model_state_bytes(trainable, gpus, 1, zero_stage),
+        activations=full.activations + extra,
+        activations_ckpt=full.activations_ckpt + extra / cfg.n_layers,  # one layer recomputed at a time
+        working=full.working,
+        dp=full.dp,
+    )
+
+
 def meta_param_counts(cfg: ModelConfig) -> ParamCounts:
     """Parameter counts of the real module built on the meta device (no memory is allocated)."""
     with torch.device("meta"):
@@ -125,32 +215,21 @@ def meta_param_counts(cfg: ModelConfig) -> ParamCounts:
 
 def model_report(cfg: ModelInfoConfig) -> dict:
     """Everything ``launch/model_info.py`` prints, as a dict (also handy in notebooks)."""
-    m, plan, par, train = cfg.model, cfg.plan, cfg.parallel, cfg.train
+    plan, par, train = cfg.plan, cfg.parallel, cfg.train
+    m = planned_model(cfg)
     if plan.gpus % par.tp:
         raise ConfigError("plan.gpus", f"{plan.gpus} GPUs is not a multiple of parallel.tp={par.tp}")
     counts = meta_param_counts(m)
     fpt = flops_per_token(m, train.seq_len)
-    mem = memory_plan(m, counts.total, plan.gpus, par.tp, par.sp, par.zero_stage, train.micro_batch_size, train.seq_len)
     budget = plan.gpu_memory_gib * GIB
 
-    def largest_micro_batch(checkpointing: bool) -> int:
-        fixed = mem.states_per_gpu + mem.working
-        per_sample = activation_bytes(m, 1, train.seq_len, par.tp, par.sp, checkpointing)
-        return max(0, int((budget * 0.9 - fixed) // per_sample))  # keep 10% for the allocator
+    def memory(mem: MemoryPlan, extra_per_sample) -> dict:
+        def largest_micro_batch(checkpointing: bool) -> int:
+            fixed = mem.states_per_gpu + mem.working
+            per_sample = activation_bytes(m, 1, train.seq_len, par.tp, par.sp, checkpointing) + extra_per_sample(checkpointing)
+            return max(0, int((budget * 0.9 - fixed) // per_sample))  # keep 10% for the allocator
 
-    report = {
-        "params": counts.total,
-        "embedding_params": counts.embedding,
-        "non_embedding_params": counts.non_embedding,
-        "active_params": counts.active,
-        "flops_per_token": fpt,
-        "seq_len": train.seq_len,
-        "micro_batch_size": train.micro_batch_size,
-        "gpus": plan.gpus,
-        "tp": par.tp,
-        "dp": mem.dp,
-        "zero_stage": par.zero_stage,
-        "memory": {
+        return {
             "model_states_gib": mem.states_per_gpu / GIB,
             "zero3_working_gib": mem.working / GIB,
             "activations_gib": mem.activations / GIB,
@@ -162,8 +241,38 @@ def model_report(cfg: ModelInfoConfig) -> dict:
             "fits_checkpointed": mem.total_ckpt <= budget * 0.9,
             "max_micro_batch": largest_micro_batch(False),
             "max_micro_batch_checkpointed": largest_micro_batch(True),
-        },
+        }
+
+    mem = memory_plan(m, counts.total, plan.gpus, par.tp, par.sp, par.zero_stage, train.micro_batch_size, train.seq_len)
+    report = {
+        "model": cfg.init,
+        "params": counts.total,
+        "embedding_params": counts.embedding,
+        "non_embedding_params": counts.non_embedding,
+        "active_params": counts.active,
+        "flops_per_token": fpt,
+        "seq_len": train.seq_len,
+        "micro_batch_size": train.micro_batch_size,
+        "gpus": plan.gpus,
+        "tp": par.tp,
+        "dp": mem.dp,
+        "zero_stage": par.zero_stage,
+        "memory": memory(mem, lambda checkpointing: 0.0),
     }
+    if cfg.method == "lora":
+        lora = cfg.lora
+        lora_mem = lora_memory_plan(m, lora, counts.total, plan.gpus, par.sp, par.zero_stage, train.micro_batch_size,
+                                    train.seq_len)
+        trainable = lora_trainable_parameters(m, lora)
+        extra = lora_activation_bytes(m, lora, 1, train.seq_len)
+        report["lora"] = {
+            "r": lora.r,
+            "target_modules": list(lora.target_modules),
+            "adapted_layers": len(lora_adapted_shapes(m, lora)),
+            "trainable_params": trainable,
+            "frozen_params": counts.total - (trainable - sum(lora.r * (i + o) for i, o in lora_adapted_shapes(m, lora))),
+            "memory": memory(lora_mem, lambda checkpointing: extra / m.n_layers if checkpointing else extra),
+        }
     if plan.train_tokens > 0:
         seconds = plan.train_tokens * fpt / (plan.gpus * plan.peak_tflops * 1e12 * plan.mfu)
         report["time"] = {"train_tokens": plan.train_tokens, "mfu": plan.mfu, "days": seconds / 86400}
@@ -184,20 +293,35 @@ def format_report(name: str, r: dict) -> str:
     ]
     if r["active_params"] != r["params"]:
         lines.append(f"    active per token    {r['active_params']:>17,}   (mixture of experts: top-k experts)")
-    lines += [
-        f"  FLOPs per token       {r['flops_per_token']:>17.4e}   (forward + backward, seq {r['seq_len']})",
-        "",
-        f"memory plan per GPU: {r['gpus']} GPUs = tp {r['tp']} x dp {r['dp']}, ZeRO-{r['zero_stage']}, bf16 + AdamW,"
-        f" micro-batch {r['micro_batch_size']} x seq {r['seq_len']}",
-        f"  weights+grads+optimizer {mem['model_states_gib']:>10.2f} GiB",
-        f"  ZeRO-3 gathered layers  {mem['zero3_working_gib']:>10.2f} GiB",
-        f"  activations             {mem['activations_gib']:>10.2f} GiB   "
-        f"(with activation checkpointing: {mem['activations_checkpointed_gib']:.2f} GiB)",
-        f"  total                   {mem['total_gib']:>10.2f} GiB   {yes(mem['fits'])} in {mem['gpu_gib']:g} GiB"
-        f" (largest micro-batch: {mem['max_micro_batch']})",
-        f"  total, checkpointing    {mem['total_checkpointed_gib']:>10.2f} GiB   {yes(mem['fits_checkpointed'])}"
-        f" (largest micro-batch: {mem['max_micro_batch_checkpointed']})",
-    ]
+    lines.append(f"  FLOPs per token       {r['flops_per_token']:>17.4e}   (forward + backward, seq {r['seq_len']})")
+    layout = (f"{r['gpus']} GPUs = tp {r['tp']} x dp {r['dp']}, ZeRO-{r['zero_stage']}, bf16 + AdamW,"
+              f" micro-batch {r['micro_batch_size']} x seq {r['seq_len']}")
+
+    def plan_lines(mem: dict, states: str) -> list[str]:
+        return [
+            f"  {states:<23} {mem['model_states_gib']:>10.2f} GiB",
+            f"  ZeRO-3 gathered layers  {mem['zero3_working_gib']:>10.2f} GiB",
+            f"  activations             {mem['activations_gib']:>10.2f} GiB   "
+            f"(with activation checkpointing: {mem['activations_checkpointed_gib']:.2f} GiB)",
+            f"  total                   {mem['total_gib']:>10.2f} GiB   {yes(mem['fits'])} in {mem['gpu_gib']:g} GiB"
+            f" (largest micro-batch: {mem['max_micro_batch']})",
+            f"  total, checkpointing    {mem['total_checkpointed_gib']:>10.2f} GiB   {yes(mem['fits_checkpointed'])}"
+            f" (largest micro-batch: {mem['max_micro_batch_checkpointed']})",
+        ]
+
+    if "lora" in r:
+        lo = r["lora"]
+        lines += [
+            "",
+            f"LoRA r {lo['r']} on {', '.join(lo['target_modules'])} ({lo['adapted_layers']} layers)",
+            f"  trainable             {lo['trainable_params']:>17,}   ({lo['trainable_params'] / r['params']:.3%})",
+            f"  frozen (bf16)         {lo['frozen_params']:>17,}",
+            "",
+            f"LoRA memory plan per GPU: {layout}",
+            *plan_lines(lo["memory"], "frozen base+adapters"),
+        ]
+    lines += ["", f"{'full fine-tuning ' if 'lora' in r else ''}memory plan per GPU: {layout}",
+              *plan_lines(mem, "weights+grads+optimizer")]
     if "time" in r:
         t = r["time"]
         lines.append(

@@ -33,7 +33,8 @@ from tanuki.losses import causal_lm_loss
 from tanuki.model import moe_losses
 from tanuki.parallel.env import DistEnv
 from tanuki.parallel.zero import build_engine
-from tanuki.tokenizer.templates import get_template, write_chat_template
+from tanuki.tokenizer.jinja_template import resolve_template, template_label
+from tanuki.tokenizer.templates import AUTO, ChatTemplate, check_template_name, write_chat_template
 from tanuki.train import Stage, StepOutput, train_and_close
 
 #: settings a resumed SFT run must share with the run that wrote the checkpoint
@@ -66,8 +67,9 @@ class SFTConfig(StageConfig):
     #: the Hugging Face directory to fine-tune (a tanuki export or a supported checkpoint)
     init: str
     data: SFTDataConfig = field(default_factory=SFTDataConfig)
-    #: chat template: alpaca_ja | llmjp | tulu (written into the exported tokenizer's config)
-    template: str = "alpaca_ja"
+    #: chat template: auto (the model's own chat template, any Jinja template; alpaca_ja when the tokenizer
+    #: has none) | alpaca_ja | llmjp | tulu (a named one is written into the exported tokenizer's config)
+    template: str = AUTO
     method: Literal["full", "lora", "lisa"] = "full"
     lora: LoraConfig = field(default_factory=LoraConfig)
     lisa: LisaConfig = field(default_factory=LisaConfig)
@@ -79,7 +81,7 @@ class SFTConfig(StageConfig):
     export: SFTExportConfig = field(default_factory=SFTExportConfig)
 
     def __post_init__(self) -> None:
-        get_template(self.template)  # an unknown name fails here, naming the key
+        check_template_name(self.template)  # an unknown name fails here, naming the key
         if self.method == "lora" and self.parallel.tp > 1:
             raise ConfigError("method", "LoRA with tensor parallelism (parallel.tp > 1) is not supported; use tp=1")
         if self.method == "lisa" and self.parallel.zero_stage != 0:
@@ -97,6 +99,8 @@ class PreparedSFT:
     model: ModelConfig
     tokenizer_dir: str
     grad_accumulation: int
+    #: ``cfg.template`` resolved against the tokenizer (see :func:`tanuki.tokenizer.jinja_template.resolve_template`)
+    template: ChatTemplate
 
 
 def prepare(cfg: SFTConfig, env: DistEnv) -> PreparedSFT:
@@ -106,7 +110,8 @@ def prepare(cfg: SFTConfig, env: DistEnv) -> PreparedSFT:
     tok = cfg.tokenizer or cfg.init
     plumbing.check_tokenizer_dir(tok)
     plumbing.check_data_paths(cfg.data.paths, "<file.jsonl>")
-    return PreparedSFT(cfg, model, tok, plumbing.check_layout(cfg, env))
+    grad_accumulation = plumbing.check_layout(cfg, env)
+    return PreparedSFT(cfg, model, tok, grad_accumulation, resolve_template(cfg.template, tok, fallback="alpaca_ja"))
 
 
 def sft_step(model, batch: dict[str, torch.Tensor], *, z_loss: float, vocab_limit: int | None, vocab_parallel=None,
@@ -130,9 +135,10 @@ def sft_step(model, batch: dict[str, torch.Tensor], *, z_loss: float, vocab_limi
 
 
 def export_fine_tuned(checkpoint: Path, *, init: str, method: str, lora: LoraConfig, export: SFTExportConfig,
-                      template: str, out_dir: Path, tokenizer_dir: str) -> list[Path]:
+                      template: ChatTemplate, out_dir: Path, tokenizer_dir: str) -> list[Path]:
     """The final checkpoint of a fine-tuning run (SFT or DPO) as a Hugging Face model (LoRA merged) and,
-    for LoRA, a PEFT adapter."""
+    for LoRA, a PEFT adapter. A tanuki template is written into the exported tokenizer; a template read
+    from the tokenizer (``auto``) is already there, as it was."""
     model_cfg, sd = consolidate_checkpoint(checkpoint)
     written = []
     if method == "lora":
@@ -143,12 +149,13 @@ def export_fine_tuned(checkpoint: Path, *, init: str, method: str, lora: LoraCon
     if export.hf:
         out = export_hf(sd, model_cfg, out_dir, dtype=getattr(torch, export.dtype), tokenizer_dir=tokenizer_dir,
                         overwrite=True)
-        write_chat_template(out, template)
+        if template.source is None:
+            write_chat_template(out, template.name)
         written.append(out)
     return written
 
 
-def export_hook(cfg: StageConfig, template: str, run_dir: Path,
+def export_hook(cfg: StageConfig, template: ChatTemplate, run_dir: Path,
                 print_fn: Callable[[str], None]) -> Callable[[Path], None] | None:
     """What a fine-tuning stage runs on rank 0 with its final checkpoint: the exports of ``cfg.export``
     into ``export.dir`` (default ``<run dir>/hf``); None when nothing is to be written. ``cfg``: an
@@ -176,7 +183,7 @@ def run(prep: PreparedSFT, env: DistEnv, run_dir: Path, print_fn: Callable[[str]
 
     tokenizer = PreTrainedTokenizerFast.from_pretrained(prep.tokenizer_dir)
     total_steps = tc.total_steps()
-    data = build_sft_datasets(cfg.data, tokenizer, cfg.template, tc.seq_len, min_rows=total_steps * tc.global_batch_size)
+    data = build_sft_datasets(cfg.data, tokenizer, prep.template, tc.seq_len, min_rows=total_steps * tc.global_batch_size)
     loader = SFTDataLoader(data.train, micro_batch_size=tc.micro_batch_size, dp_rank=dp_rank, dp_size=dp_size,
                            grad_accumulation=prep.grad_accumulation)
     valid_batches = None
@@ -200,7 +207,7 @@ def run(prep: PreparedSFT, env: DistEnv, run_dir: Path, print_fn: Callable[[str]
 
     logger = plumbing.open_run(
         cfg, env, config, prep.tokenizer_dir, run_dir, print_fn=print_fn,
-        summary=f"SFT ({cfg.method}, template {cfg.template}) of {cfg.init}: {trainable:,} trainable parameters"
+        summary=f"SFT ({cfg.method}, template {template_label(prep.template)}) of {cfg.init}: {trainable:,} trainable parameters"
         + (f" ({cfg.lisa.active_layers} of {len(model.module.layers)} layers at a time, new draw every "
            f"{cfg.lisa.interval_steps} steps)" if lisa is not None else "")
         + f" on {plumbing.describe_layout(setup, env, cfg)}; data: {data.train_stats.summary()}; "
@@ -217,7 +224,7 @@ def run(prep: PreparedSFT, env: DistEnv, run_dir: Path, print_fn: Callable[[str]
         tokens_per_step=tc.global_batch_size * tc.seq_len,
         flops_per_token=flops_per_token(prep.model, tc.seq_len),
         config=config,
-        on_finish=export_hook(cfg, cfg.template, run_dir, print_fn),
+        on_finish=export_hook(cfg, prep.template, run_dir, print_fn),
         on_step_start=lisa.on_step_start if lisa is not None else None,
     )
     return train_and_close(stage, cfg, env, run_dir, engine=engine, optimizer=optimizer, logger=logger,

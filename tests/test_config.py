@@ -9,7 +9,6 @@ from omegaconf import OmegaConf
 from tanuki.config import (
     ConfigError,
     ModelConfig,
-    ModelInfoConfig,
     PretrainConfig,
     from_dict,
     pad_vocab_size,
@@ -22,7 +21,7 @@ SIZES = sorted(p.stem for p in (CONF / "size").glob("*.yaml"))
 # A new file in conf/ must be registered here, so it is composed and validated by the test below.
 SCHEMAS = {
     "pretrain": ("tanuki.config:PretrainConfig", []),
-    "model_info": ("tanuki.config:ModelInfoConfig", []),
+    "model_info": ("tanuki.info:ModelInfoConfig", []),
     "export_hf": ("tanuki.config:ExportHFConfig", ["checkpoint=a.safetensors", "output=out"]),
     "build_tokenizer": ("tanuki.tokenizer.config:BuildTokenizerConfig", ["input=a.txt", "output=tok", "vocab_size=4000"]),
     "tokenizer_report": ("tanuki.tokenizer.config:TokenizerReportConfig", ["tokenizer=tok", "input=a.txt"]),
@@ -61,6 +60,8 @@ def test_primary_config_composes_and_validates(name):
 @pytest.mark.parametrize("size", SIZES)
 @pytest.mark.parametrize("stage", ["pretrain", "model_info"])
 def test_every_size_composes(stage, size):
+    from tanuki.info import ModelInfoConfig
+
     cls = PretrainConfig if stage == "pretrain" else ModelInfoConfig
     cfg = from_dict(cls, compose(stage, [f"+size={size}"]))
     assert isinstance(cfg.model, ModelConfig)

@@ -19,13 +19,17 @@ from typing import Optional, Union
 import numpy as np
 
 from tanuki.data.records import SFTDataError
-from tanuki.tokenizer.templates import ChatTemplate, Rendered, get_template
+from tanuki.tokenizer.templates import AUTO, ChatTemplate, Rendered, get_template
 
 _BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 
 def as_template(template: Union[ChatTemplate, str]) -> ChatTemplate:
-    """The template called ``template``, or ``template`` itself when it is one."""
+    """The template called ``template``, or ``template`` itself when it is one. (``auto`` needs the
+    tokenizer: resolve it with :func:`tanuki.tokenizer.jinja_template.resolve_template`.)"""
+    if template == AUTO:
+        raise ValueError("template 'auto' is resolved against a tokenizer directory first "
+                         "(tanuki.tokenizer.jinja_template.resolve_template)")
     return get_template(template) if isinstance(template, str) else template
 
 
@@ -53,14 +57,18 @@ class TokenizerInfo:
             raise ValueError("the tokenizer has no EOS token; every assistant turn ends with one")
         if template.writes_bos and (self.bos is None or tokenizer.bos_token_id is None):
             raise ValueError(f"template {template.name!r} writes BOS but the tokenizer has none")
+        #: the token that ends each assistant turn (the last target of a turn): the template's
+        #: end-of-turn token (``<|im_end|>``, ``<|eot_id|>``, ...), by default the EOS
+        self.turn_end = template.end_of_turn or self.eos
+        self.turn_end_id = self.eos_id if template.end_of_turn is None else tokenizer.convert_tokens_to_ids(self.turn_end)
         # The rendered text carries BOS/EOS as text: they must come out as the special ids, as in
         # apply_chat_template(tokenize=True). A tokenizer that does not match them in text would train
         # on the characters '<', '/', 's', '>' instead.
-        probe = (self.bos if template.writes_bos else "") + "x" + self.eos
+        probe = (self.bos if template.writes_bos else "") + "x" + self.turn_end
         ids = tokenizer(probe, add_special_tokens=False)["input_ids"]
-        if ids[-1] != self.eos_id or (template.writes_bos and ids[0] != tokenizer.bos_token_id):
+        if ids[-1] != self.turn_end_id or (template.writes_bos and ids[0] != tokenizer.bos_token_id):
             raise ValueError(
-                f"the tokenizer does not read the text {self.bos!r} / {self.eos!r} as its BOS / EOS tokens; "
+                f"the tokenizer does not read the text {self.bos!r} / {self.turn_end!r} as its BOS / end-of-turn tokens; "
                 "chat templates write them as text (add them as special tokens of the tokenizer)"
             )
         vocab = tokenizer.get_vocab()
@@ -131,8 +139,9 @@ def assistant_targets(rendered: Rendered, ids: np.ndarray, offsets: np.ndarray,
 
 def check_targets(rendered: Rendered, ids: np.ndarray, target: np.ndarray, info: TokenizerInfo, source: str = "") -> None:
     """:class:`SFTDataError` [bad_tokenization] naming ``source`` unless every run of targets ends
-    with the EOS the template wrote after an assistant content, one run per assistant turn."""
+    with the EOS (or end-of-turn token) the template wrote after an assistant content, one run per
+    assistant turn."""
     run_ends = np.flatnonzero(target & ~np.append(target[1:], False))
-    if len(run_ends) != len(rendered.assistant_spans) or np.any(ids[run_ends] != info.eos_id):
+    if len(run_ends) != len(rendered.assistant_spans) or np.any(ids[run_ends] != info.turn_end_id):
         raise SFTDataError(source, "bad_tokenization",
                            "the assistant turns did not tokenize to content + EOS (a tokenizer problem)")

@@ -14,8 +14,10 @@ Read in the order of the data flow:
    policy): ``identical="skip"`` counts and drops it, ``identical="fail"`` stops.
 2. :func:`render_pair`: the prompt is the rendering of the prompt messages *with* the generation
    prompt; a completion is the text the template writes for the assistant turn after it, i.e. the
-   assistant content + EOS (the template's own EOS: never a second one). The text of prompt +
-   completion equals the rendering of the whole conversation (checked for every pair).
+   assistant content + EOS (the template's own EOS, or its end-of-turn token such as ``<|im_end|>``:
+   never a second one). The text of prompt + completion equals the rendering of the whole
+   conversation up to that token (checked for every pair; what a template writes after it, such as
+   ChatML's newline, is not scored).
 3. :func:`tokenize_pairs`: the prompt text and the two full texts are tokenized with
    ``add_special_tokens=False`` (the template writes BOS), so the prompt ids equal
    ``apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)`` and the full ids equal
@@ -72,6 +74,7 @@ from tanuki.data.records import (
     validate_messages,
 )
 from tanuki.losses import IGNORE_INDEX
+from tanuki.tokenizer.jinja_template import TemplateRefused
 from tanuki.tokenizer.templates import ChatTemplate
 
 #: the keys of a preference micro-batch (see the module docstring)
@@ -309,8 +312,9 @@ def render_pair(pair: PreferencePair, template: Union[ChatTemplate, str], *, bos
     for content in (pair.chosen, pair.rejected):
         full = template.render([*pair.prompt, {"role": "assistant", "content": content}],
                                bos_token=bos_token, eos_token=eos_token)
+        # What the template writes after the end-of-turn token (ChatML's newline) is not scored.
         a, b = full.assistant_spans[-1]
-        if not full.text.startswith(prompt) or (a, b) != (len(prompt), len(full.text)):
+        if not full.text.startswith(prompt) or a != len(prompt) or full.text[b:].strip():
             raise ValueError(f"{pair.source}: template {template.name!r} does not render an assistant turn as the "
                              "generation prompt followed by content + EOS; it cannot be used for preference data")
         completions.append(full.text[a:b])
@@ -371,10 +375,14 @@ def tokenize_pairs(
         for pair in pairs[lo : lo + batch_size]:
             try:
                 _check_special_texts(pair, info)
+                try:
+                    rendered = render_pair(pair, template, bos_token=info.bos or "", eos_token=info.eos)
+                except TemplateRefused as e:
+                    raise PreferenceDataError(pair.source, "template_refused", str(e)) from None
             except PreferenceDataError as e:
                 stats.skip_or_raise(e, on_error)
                 continue
-            batch.append((pair, render_pair(pair, template, bos_token=info.bos or "", eos_token=info.eos)))
+            batch.append((pair, rendered))
         if not batch:
             continue
         texts = [t for _, r in batch for t in (r.prompt, r.prompt + r.chosen, r.prompt + r.rejected)]
@@ -382,7 +390,7 @@ def tokenize_pairs(
         for k, (pair, _) in enumerate(batch):
             prompt, chosen, rejected = (np.asarray(x, dtype=np.int64) for x in ids[3 * k : 3 * k + 3])
             try:
-                out.append(_split(pair, prompt, chosen, rejected, info.eos_id))
+                out.append(_split(pair, prompt, chosen, rejected, info.turn_end_id))
             except PreferenceDataError as e:
                 stats.skip_or_raise(e, on_error)
     return out

@@ -15,7 +15,9 @@ Read in the order of the data flow:
    the ``<s>`` / ``</s>`` text it writes is matched as the special tokens, exactly as
    ``apply_chat_template(tokenize=True)`` does), and mark as targets the tokens whose characters lie
    in an assistant content + EOS span of the rendering (``return_offsets_mapping``; the masks of
-   :mod:`tanuki.data.chat_tokens`). The masks come from the rendering, never from searching the ids
+   :mod:`tanuki.data.chat_tokens`). A template read from the model (``template=auto``,
+   :mod:`tanuki.tokenizer.jinja_template`) ends each span with its own end-of-turn token instead
+   (``<|im_end|>``, ``<|eot_id|>``, ...). The masks come from the rendering, never from searching the ids
    for a response marker.
 3. :func:`fit_to_length`: the truncation policy for samples longer than ``seq_len`` (``drop``, or
    ``truncate``: keep the head, drop it if no target is left), counted in :class:`SFTStats`.
@@ -71,6 +73,7 @@ from tanuki.data.records import (
     split_conversations,
 )
 from tanuki.losses import IGNORE_INDEX
+from tanuki.tokenizer.jinja_template import TemplateRefused
 from tanuki.tokenizer.templates import ChatTemplate, Rendered
 
 __all__ = [  # with the names the SFT stage imports from here, though they live in tanuki.data.records
@@ -236,10 +239,14 @@ def tokenize_conversations(
                     if bad is not None:
                         raise SFTDataError(conv.source, "special_token_text",
                                            f"a {m['role']} message contains the special token text {bad!r}")
+                try:
+                    rendered = template.render(conv.messages, bos_token=info.bos or "", eos_token=info.eos)
+                except TemplateRefused as e:
+                    raise SFTDataError(conv.source, "template_refused", str(e)) from None
             except SFTDataError as e:
                 stats.skip_or_raise(e, on_error)
                 continue
-            batch.append((conv, template.render(conv.messages, bos_token=info.bos or "", eos_token=info.eos)))
+            batch.append((conv, rendered))
         if not batch:
             continue
         enc = tokenizer([r.text for _, r in batch], add_special_tokens=False, return_offsets_mapping=True)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 from tanuki.config import ConfigError
 
@@ -125,6 +125,10 @@ class ChatTemplate:
     parts: Callable[[Sequence[Mapping[str, str]], str, str, bool], list[Part]]
     #: whether the template writes BOS itself (tokenize its text with ``add_special_tokens=False``)
     writes_bos: bool
+    #: the special token that ends an assistant turn (the last target of each turn); None: the EOS
+    end_of_turn: Optional[str] = None
+    #: where the Jinja came from (a template read from a tokenizer directory); None: tanuki's own
+    source: Optional[str] = None
 
     def render(
         self,
@@ -200,6 +204,18 @@ TEMPLATES: dict[str, ChatTemplate] = {
     "llmjp": _ALPACA_JA,
     "tulu": ChatTemplate("tulu", TULU_TEMPLATE, _tulu_parts, writes_bos=False),
 }
+
+
+#: the ``template`` value that selects the tokenizer's own chat template (:mod:`tanuki.tokenizer.jinja_template`)
+AUTO = "auto"
+
+
+def check_template_name(name: str) -> None:
+    """A :class:`~tanuki.config.ConfigError` on key ``template`` unless ``name`` is ``auto`` or one of
+    :data:`TEMPLATES` (the check a config makes before any file is read)."""
+    if name != AUTO and name not in TEMPLATES:
+        raise ConfigError("template", f"unknown chat template {name!r}; valid: {AUTO} (the model's own chat template), "
+                                      f"{', '.join(TEMPLATES)}")
 
 
 def get_template(name: str) -> ChatTemplate:
