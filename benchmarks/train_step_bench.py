@@ -82,6 +82,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="per-device dense peak for MFU")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-save", action="store_true")
+    ap.add_argument("--results-dir", type=Path, default=RESULTS, help="where the .md/.json results go")
     # internal: one round of one model in a fresh process (--isolation subprocess)
     ap.add_argument("--worker", choices=MODELS + ("check",), help=argparse.SUPPRESS)
     ap.add_argument("--worker-round", type=int, default=0, help=argparse.SUPPRESS)
@@ -603,10 +604,10 @@ def main(argv=None) -> None:
     summary, md = summarize(args, cfg, train, result, time.perf_counter() - t0)
     print(md)
     if not args.no_save:
-        RESULTS.mkdir(parents=True, exist_ok=True)
+        args.results_dir.mkdir(parents=True, exist_ok=True)
         name = result_name(args.device)
-        (RESULTS / f"{name}.md").write_text(md)
-        (RESULTS / f"{name}.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (args.results_dir / f"{name}.md").write_text(md)
+        (args.results_dir / f"{name}.json").write_text(json.dumps(summary, indent=2) + "\n")
 
 
 if __name__ == "__main__":
