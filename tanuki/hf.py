@@ -33,6 +33,7 @@ script before they reach this module).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -260,6 +261,8 @@ def hf_config_dict(
     # lazy: transformers is slow to import (~1.5 s for these), and every stage imports this module
     from transformers import LlamaConfig, MixtralConfig
 
+    if cfg.n_experts:  # Mixtral computes what tanuki's Llama does, plus the experts
+        _check_family(dataclasses.replace(cfg, family="llama"))
     if not cfg.n_experts and cfg.family != "llama" or cfg.rope_scaling is not None or cfg.tie_embeddings:
         return _family_config_dict(cfg, dtype, dict(bos_token_id=bos_token_id, eos_token_id=eos_token_id,
                                                     pad_token_id=pad_token_id))
@@ -293,6 +296,7 @@ def hf_config_dict(
             sliding_window=None,  # full causal attention, as tanuki's
         )
     else:
+        _check_family(cfg)
         arch, hf = "LlamaForCausalLM", LlamaConfig(**shape, attention_bias=False, mlp_bias=False)
     d = hf.to_dict()
     d["architectures"] = [arch]

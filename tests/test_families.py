@@ -23,7 +23,7 @@ from tanuki.fused import apply_kernels, kernel_summary
 from tanuki.generate import generate
 from tanuki.hf import FAMILY_ARCHITECTURES, HFFormatError, export_hf, import_hf
 from tanuki.lora import LoraConfig, apply_lora, lora_modules, save_peft_adapter
-from tanuki.model import InterleavedRotary, LayerNorm, count_parameters, param_counts_formula
+from tanuki.model import InterleavedRotary, LayerNorm, build_model, count_parameters, param_counts_formula
 from tanuki.stage import check_context
 
 VOCAB = 96
@@ -287,3 +287,17 @@ def test_a_sliding_window_smaller_than_the_training_sequence_is_refused():
     with pytest.raises(ConfigError, match=r"'model.sliding_window': 32 of /models/m is smaller than train.seq_len=33"):
         check_context(33, cfg, "/models/m")  # what the SFT and DPO stages call
     check_context(32, cfg, "/models/m")
+    model = build_model(cfg)  # and the model itself refuses what the window would change
+    model(torch.zeros(1, 32, dtype=torch.long))
+    with pytest.raises(ValueError, match="33 positions exceed model.sliding_window=32"):
+        model(torch.zeros(1, 33, dtype=torch.long))
+
+
+def test_export_refuses_flags_the_family_cannot_express(tmp_path):
+    for flags, match in ((dict(qkv_bias=True), r"model.qkv_bias=True cannot be written as LlamaForCausalLM"),
+                         (dict(family="qwen3"), r"model.qk_norm='none' cannot be written as Qwen3ForCausalLM"),
+                         (dict(family="cohere", norm="layernorm", parallel_block=True),
+                          r"model.rope_interleaved=False cannot be written as CohereForCausalLM")):
+        cfg = ModelConfig(n_layers=1, dim=32, n_heads=2, n_kv_heads=1, ffn_dim=64, vocab_size=128, **flags)
+        with pytest.raises(ValueError, match=match):
+            export_hf(build_model(cfg).state_dict(), cfg, tmp_path / "out")
