@@ -32,6 +32,8 @@ def save_model_file(state_dict: Mapping[str, torch.Tensor], cfg: ModelConfig, pa
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items() if not k.endswith("inv_freq")}
+    if cfg.tie_embeddings:  # one tensor under two names: safetensors stores it once
+        tensors.pop("head.weight", None)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
     try:
@@ -54,6 +56,8 @@ def load_model_file(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, tor
     if MODEL_CONFIG_KEY not in meta:
         raise ValueError(f"{path}: safetensors file without '{MODEL_CONFIG_KEY}' metadata (not written by tanuki)")
     cfg = from_dict(ModelConfig, json.loads(meta[MODEL_CONFIG_KEY]), prefix="model")
+    if cfg.tie_embeddings and "head.weight" not in sd and "embed.weight" in sd:
+        sd["head.weight"] = sd["embed.weight"]
     return cfg, sd
 
 

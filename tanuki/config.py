@@ -188,8 +188,48 @@ def require(cond: bool, key: str, message: str) -> None:
 
 
 @dataclass(frozen=True)
+class RopeScaling:
+    """Rescaled rotary frequencies for a longer context (transformers' ``rope_parameters`` /
+    ``rope_scaling``; formulas in ``transformers.modeling_rope_utils``).
+
+    * ``linear``: every inverse frequency divided by ``factor`` (position interpolation, Chen et al. 2023);
+    * ``llama3``: Llama 3.1's band rescaling: wavelengths above ``original_max_position_embeddings /
+      low_freq_factor`` divided by ``factor``, those below ``original_max_position_embeddings /
+      high_freq_factor`` kept, a smooth interpolation between.
+    """
+
+    rope_type: Literal["linear", "llama3"] = "linear"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def __post_init__(self) -> None:
+        require(self.factor > 0, "model.rope_scaling.factor", f"must be positive, got {self.factor}")
+        if self.rope_type == "llama3":
+            require(
+                self.high_freq_factor > self.low_freq_factor > 0,
+                "model.rope_scaling.high_freq_factor",
+                f"must exceed low_freq_factor > 0 (got {self.high_freq_factor}, {self.low_freq_factor})",
+            )
+            require(self.original_max_position_embeddings > 0, "model.rope_scaling.original_max_position_embeddings",
+                    "must be positive")
+
+
+#: model families: the Hugging Face ``model_type`` a dense model is imported from and exported as
+#: (an MoE model, ``n_experts`` > 0, is always Mixtral)
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "cohere")
+
+
+@dataclass(frozen=True)
 class ModelConfig:
-    """Shape of a Llama-style decoder, dense or Mixtral-style MoE (see conf/size/*.yaml for the named sizes)."""
+    """Shape of a Llama-style decoder, dense or Mixtral-style MoE (see conf/size/*.yaml for the named sizes).
+
+    The fields after ``router_z_loss_coef`` describe the other families as configuration (litgpt-style);
+    their defaults are tanuki's Llama. Cohere (Command-R): ``norm=layernorm``, ``parallel_block``,
+    ``rope_interleaved``, ``tie_embeddings``, ``logit_scale``, optionally ``qk_norm=per_head``. Qwen2:
+    ``qkv_bias``. Qwen3: ``qk_norm=shared``. Llama 3.1+: ``rope_scaling``. Mistral: ``sliding_window``.
+    """
 
     n_layers: int = 4
     dim: int = 256
@@ -220,6 +260,30 @@ class ModelConfig:
     router_aux_loss_coef: float = 0.001
     #: weight of the router z-loss (ST-MoE: mean squared logsumexp of the router logits); 0 = off
     router_z_loss_coef: float = 0.0
+    #: the Hugging Face ``model_type`` this model exports as (and was imported from): llama, mistral,
+    #: qwen2, qwen3 or cohere; an MoE exports as mixtral whatever this says
+    family: Literal["llama", "mistral", "qwen2", "qwen3", "cohere"] = "llama"
+    #: rmsnorm (Llama, Qwen, Mistral) or layernorm (Cohere: mean-subtracted, weight only, no bias)
+    norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
+    #: Cohere's parallel block: one input norm feeds attention and the MLP, both added to the residual
+    parallel_block: bool = False
+    #: rotary pairs (x[2i], x[2i+1]) (Cohere, GPT-J) instead of the half split (x[i], x[i + D/2]) of Llama
+    rope_interleaved: bool = False
+    #: rescaled rotary frequencies (Llama 3.1 ``llama3``, ``linear``); null = plain rotary
+    rope_scaling: Optional[RopeScaling] = None
+    #: biases on the q, k and v projections (Qwen2)
+    qkv_bias: bool = False
+    #: norm of q and k per head before rotary, of the model's ``norm`` kind: shared = one gain of
+    #: head_dim for all heads (Qwen3), per_head = a gain per head, (heads, head_dim) (Command R+)
+    qk_norm: Literal["none", "shared", "per_head"] = "none"
+    #: the output head is the input embedding (one parameter)
+    tie_embeddings: bool = False
+    #: logits are multiplied by this (Cohere's ``logit_scale``)
+    logit_scale: float = 1.0
+    #: Mistral's sliding attention window, kept for the export; tanuki attends to the full context, which
+    #: is the same while a sequence fits the window, so stages refuse a train.seq_len above it and the
+    #: model refuses longer inputs. null = no window
+    sliding_window: Optional[int] = None
 
     def __post_init__(self) -> None:
         for name in ("n_layers", "dim", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "max_seq_len"):
@@ -255,10 +319,25 @@ class ModelConfig:
         require(self.rope_theta > 0, "model.rope_theta", "must be positive")
         require(0 < self.norm_eps < 1, "model.norm_eps", f"must be in (0, 1), got {self.norm_eps}")
         require(self.init_std > 0 and math.isfinite(self.init_std), "model.init_std", "must be positive")
+        require(self.logit_scale > 0 and math.isfinite(self.logit_scale), "model.logit_scale", "must be positive")
+        require(self.sliding_window is None or self.sliding_window > 0, "model.sliding_window", "must be positive")
 
     @property
     def attn_head_dim(self) -> int:
         return self.head_dim if self.head_dim is not None else self.dim // self.n_heads
+
+
+def check_sliding_window(seq_len: int, model: ModelConfig, source: str = "") -> None:
+    """tanuki attends to the full context: a sliding window smaller than the training sequence would
+    change what the model computes, so it is refused (``model.sliding_window``)."""
+    window = model.sliding_window
+    require(
+        window is None or seq_len <= window,
+        "model.sliding_window",
+        f"{window}{' of ' + source if source else ''} is smaller than train.seq_len={seq_len}; tanuki attends to the "
+        "full context, which equals the windowed attention only while a sequence fits the window: "
+        f"use train.seq_len <= {window}",
+    )
 
 
 def pad_vocab_size(n: int, multiple: int = 128, tp: int = 1) -> int:
@@ -508,6 +587,7 @@ class PretrainConfig(StageConfig):
             "train.seq_len",
             f"{self.train.seq_len} exceeds the model's context model.max_seq_len ({self.model.max_seq_len})",
         )
+        check_sliding_window(self.train.seq_len, self.model)
         require(
             not self.parallel.sp or self.train.seq_len % self.parallel.tp == 0,
             "parallel.sp",

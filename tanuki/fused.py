@@ -15,6 +15,12 @@ their identity, so the state dict, the optimizer's parameter list and any tensor
 unchanged, and ``isinstance`` checks on the base classes still hold. Nothing in another library is
 patched.
 
+The kernels apply only where their op is the model's: RMSNorm with a gain over the last dimension (the
+block norms, and Qwen3's q/k norms over head_dim), the half-split rotary (with any rope scaling, which
+is folded into ``inv_freq``) and SwiGLU. Cohere's :class:`~tanuki.model.LayerNorm`, its
+:class:`~tanuki.model.InterleavedRotary` and a per-head RMSNorm gain ((heads, head_dim)) stay on the
+PyTorch path; :func:`kernel_summary` counts each by class name, so a log shows which ran where.
+
 Call it once on the built model, before activation checkpointing and the ZeRO engine wrap it. The fused
 ops are ``torch.library`` custom ops, so they compose with ``torch.compile`` without graph breaks, with
 activation checkpointing (their forward is deterministic and recomputable) and with tensor/sequence
@@ -30,7 +36,7 @@ from typing import Literal, Optional
 import torch
 from torch import nn
 
-from tanuki.model import MLP, RMSNorm, Rotary
+from tanuki.model import MLP, LayerNorm, RMSNorm, Rotary
 
 KernelMode = Literal["auto", "triton", "torch"]
 
@@ -123,8 +129,8 @@ def apply_kernels(
     for parent in reversed(list(model.modules())):
         for name, child in list(parent.named_children()):
             target = table.get(type(child))
-            if target is None:
-                continue
+            if target is None or (isinstance(child, RMSNorm) and child.weight.dim() != 1):
+                continue  # (the fused RMSNorm takes one gain over the last dimension)
             if id(child) not in replaced:
                 replaced[id(child)] = _rebuilt_as(child, target)
             setattr(parent, name, replaced[id(child)])
@@ -133,9 +139,11 @@ def apply_kernels(
 
 
 def kernel_summary(model: nn.Module) -> dict[str, int]:
-    """Count the model's norm, rotary and MLP modules by class name (for logs: which kernels are in use)."""
+    """Count the model's norm, rotary and MLP modules by class name (for logs: which kernels are in use):
+    ``Triton*`` run fused; ``RMSNorm``, ``Rotary``, ``MLP``, and always ``LayerNorm`` and
+    ``InterleavedRotary`` (no kernel), run in PyTorch."""
     counts: dict[str, int] = {}
     for module in model.modules():
-        if isinstance(module, (RMSNorm, Rotary, MLP)):
+        if isinstance(module, (RMSNorm, LayerNorm, Rotary, MLP)):
             counts[type(module).__name__] = counts.get(type(module).__name__, 0) + 1
     return counts

@@ -7,6 +7,10 @@
 * :func:`load_hf` / :func:`import_hf` read a Hugging Face Llama or Mixtral directory (GQA included) back
   into a tanuki :class:`~tanuki.config.ModelConfig` and state dict, for continued pretraining or
   fine-tuning.
+* The other families (:data:`FAMILY_ARCHITECTURES`: ``CohereForCausalLM``, ``Qwen2ForCausalLM``,
+  ``Qwen3ForCausalLM``, ``MistralForCausalLM``, and Llama with rope scaling) are read the same way into
+  the configuration flags of :class:`~tanuki.config.ModelConfig`, and ``export_hf`` writes each back as
+  its own architecture and ``model_type`` (``cfg.family``) with the fields the model depends on.
 
 Mixtral weight names. On disk, Mixtral checkpoints (the Hub's, and what transformers 4 *and* 5
 ``save_pretrained`` write) use the transformers-4 naming, which tanuki exports::
@@ -21,13 +25,15 @@ transformers 5 holds the experts in memory as fused 3-D tensors (``mlp.gate.weig
 (n_experts, dim, ffn_dim)) and converts on load and save. :func:`load_hf` reads both namings (a
 directory written from a v5 in-memory state dict without that conversion included).
 
-Both directions are exact renames: tanuki's rotary uses the same half-split layout as HF Llama, so no
+Both directions are exact renames: tanuki's rotary uses the same half-split layout as HF Llama (and
+Cohere's interleaved layout is a flag of the model, not a permutation of the weights), so no
 q/k permutation is needed (Meta's original interleaved checkpoints are converted by transformers' own
 script before they reach this module).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -57,6 +63,17 @@ _LAYER_NAMES = {
     "mlp.w_up.weight": "mlp.up_proj.weight",
     "mlp.w_down.weight": "mlp.down_proj.weight",
     "mlp.router.weight": "block_sparse_moe.gate.weight",  # Mixtral
+    "attn.wq.bias": "self_attn.q_proj.bias",  # Qwen2
+    "attn.wk.bias": "self_attn.k_proj.bias",
+    "attn.wv.bias": "self_attn.v_proj.bias",
+    "attn.q_norm.weight": "self_attn.q_norm.weight",  # Qwen3 (head_dim,)
+    "attn.k_norm.weight": "self_attn.k_norm.weight",
+}
+#: Command R+'s per-head q/k norms, (heads, head_dim): the same HF names as Qwen3's shared ones, so
+#: the import renames them by the config (:func:`load_hf`), not by this table's inverse
+_PER_HEAD_NORM_NAMES = {
+    "attn.q_head_norm.weight": "self_attn.q_norm.weight",
+    "attn.k_head_norm.weight": "self_attn.k_norm.weight",
 }
 #: tanuki expert projection -> Mixtral's (transformers 4 naming, the on-disk one): w1 gate, w2 down, w3 up
 _EXPERT_NAMES = {"w_gate": "w1", "w_down": "w2", "w_up": "w3"}
@@ -133,7 +150,8 @@ class _Renaming:
 
 
 _TO_HF = _Renaming(
-    _TOP_NAMES, _LAYER_RE, "model.layers.", _LAYER_NAMES, _EXPERT_RE, "block_sparse_moe.experts", _EXPERT_NAMES
+    _TOP_NAMES, _LAYER_RE, "model.layers.", {**_LAYER_NAMES, **_PER_HEAD_NORM_NAMES}, _EXPERT_RE,
+    "block_sparse_moe.experts", _EXPERT_NAMES,
 )
 _LAYER_INV = {v: k for k, v in _LAYER_NAMES.items()}
 _LAYER_INV[_HF_V5_ROUTER] = "mlp.router.weight"
@@ -181,6 +199,55 @@ def _split_fused_experts(hf_name: str, t: torch.Tensor) -> Optional[dict[str, to
 # --------------------------------------------------------------------------------------------------
 
 
+#: ``cfg.family`` (HF ``model_type``) -> the architecture ``export_hf`` writes
+FAMILY_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "cohere": "CohereForCausalLM",
+}
+_LLAMA_LIKE = dict(norm="rmsnorm", parallel_block=False, rope_interleaved=False, qkv_bias=False, qk_norm="none",
+                   logit_scale=1.0)
+#: what each family's transformers class computes, as tanuki flags: an export must match them
+#: (``qk_norm`` may also be "per_head" for Cohere, ``use_qk_norm``)
+_FAMILY_FLAGS = {
+    "llama": dict(_LLAMA_LIKE, sliding_window=None),
+    "mistral": _LLAMA_LIKE,
+    "qwen2": dict(_LLAMA_LIKE, qkv_bias=True),
+    "qwen3": dict(_LLAMA_LIKE, qk_norm="shared"),
+    "cohere": dict(norm="layernorm", parallel_block=True, rope_interleaved=True, qkv_bias=False,
+                   sliding_window=None),
+}
+#: rope types tanuki computes (``rope_scaling.rope_type``); transformers' others (yarn, dynamic,
+#: longrope, ...) are refused by name
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def _check_family(cfg: ModelConfig) -> None:
+    flags = _FAMILY_FLAGS[cfg.family]
+    for key, value in flags.items():
+        if getattr(cfg, key) != value:
+            raise ValueError(
+                f"model.{key}={getattr(cfg, key)!r} cannot be written as {FAMILY_ARCHITECTURES[cfg.family]} "
+                f"(model.family={cfg.family!r} computes {key}={value!r})"
+            )
+    if cfg.family == "cohere" and cfg.qk_norm == "shared":
+        raise ValueError("model.qk_norm='shared' cannot be written as CohereForCausalLM (its q/k norms are per head)")
+
+
+def _rope_parameters(cfg: ModelConfig) -> dict:
+    """transformers 5's ``rope_parameters`` of ``cfg``."""
+    rope = {"rope_type": "default", "rope_theta": float(cfg.rope_theta)}
+    sc = cfg.rope_scaling
+    if sc is not None:
+        rope.update(rope_type=sc.rope_type, factor=float(sc.factor))
+        if sc.rope_type == "llama3":
+            rope.update(low_freq_factor=float(sc.low_freq_factor), high_freq_factor=float(sc.high_freq_factor),
+                        original_max_position_embeddings=int(sc.original_max_position_embeddings))
+    return rope
+
+
 def hf_config_dict(
     cfg: ModelConfig,
     *,
@@ -189,10 +256,16 @@ def hf_config_dict(
     eos_token_id: Optional[int] = None,
     pad_token_id: Optional[int] = None,
 ) -> dict:
-    """``config.json`` contents of a ``LlamaForCausalLM`` (or, for an MoE, ``MixtralForCausalLM``) with
-    tanuki's shape."""
+    """``config.json`` contents of a ``LlamaForCausalLM`` (or, for an MoE, ``MixtralForCausalLM``; for
+    another ``cfg.family``, its architecture: :data:`FAMILY_ARCHITECTURES`) with tanuki's shape."""
     # lazy: transformers is slow to import (~1.5 s for these), and every stage imports this module
     from transformers import LlamaConfig, MixtralConfig
+
+    if cfg.n_experts:  # Mixtral computes what tanuki's Llama does, plus the experts
+        _check_family(dataclasses.replace(cfg, family="llama"))
+    if not cfg.n_experts and cfg.family != "llama" or cfg.rope_scaling is not None or cfg.tie_embeddings:
+        return _family_config_dict(cfg, dtype, dict(bos_token_id=bos_token_id, eos_token_id=eos_token_id,
+                                                    pad_token_id=pad_token_id))
 
     shape = dict(
         vocab_size=cfg.vocab_size,
@@ -223,6 +296,7 @@ def hf_config_dict(
             sliding_window=None,  # full causal attention, as tanuki's
         )
     else:
+        _check_family(cfg)
         arch, hf = "LlamaForCausalLM", LlamaConfig(**shape, attention_bias=False, mlp_bias=False)
     d = hf.to_dict()
     d["architectures"] = [arch]
@@ -233,15 +307,147 @@ def hf_config_dict(
     return d
 
 
+def _family_config_dict(cfg: ModelConfig, dtype: torch.dtype, tokens: dict) -> dict:
+    """``config.json`` of a dense ``cfg.family`` model, every field the model depends on written in
+    transformers 5's keys (``rope_parameters``) and, where cheap, transformers 4's too (a top-level
+    ``rope_theta``, ``rope_scaling``)."""
+    import transformers  # lazy, as in hf_config_dict
+
+    if cfg.n_experts:
+        raise ValueError("model.rope_scaling / model.tie_embeddings are not supported with model.n_experts > 0")
+    _check_family(cfg)
+    arch = FAMILY_ARCHITECTURES[cfg.family]
+    fields = dict(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.dim,
+        intermediate_size=cfg.ffn_dim,
+        num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.n_kv_heads,
+        head_dim=cfg.attn_head_dim,
+        max_position_embeddings=cfg.max_seq_len,
+        rope_parameters=_rope_parameters(cfg),
+        hidden_act="silu",
+        tie_word_embeddings=cfg.tie_embeddings,
+        initializer_range=cfg.init_std,
+        **tokens,
+    )
+    if cfg.family == "cohere":
+        fields.update(layer_norm_eps=cfg.norm_eps, logit_scale=cfg.logit_scale, attention_bias=False,
+                      use_qk_norm=cfg.qk_norm == "per_head")
+    else:
+        fields.update(rms_norm_eps=cfg.norm_eps)
+    if cfg.family == "llama":
+        fields.update(attention_bias=False, mlp_bias=False)
+    elif cfg.family == "mistral":
+        fields.update(sliding_window=cfg.sliding_window)
+    elif cfg.family in ("qwen2", "qwen3"):
+        # Qwen's window applies only with use_sliding_window (to the layers from max_window_layers on)
+        fields.update(use_sliding_window=cfg.sliding_window is not None, sliding_window=cfg.sliding_window,
+                      max_window_layers=0 if cfg.sliding_window is not None else cfg.n_layers)
+        if cfg.family == "qwen3":
+            fields.update(attention_bias=False)
+    config_cls = getattr(transformers, arch.replace("ForCausalLM", "Config"))
+    d = config_cls(**fields).to_dict()
+    d["architectures"] = [arch]
+    d["model_type"] = cfg.family
+    d["torch_dtype"] = d["dtype"] = str(dtype).removeprefix("torch.")
+    d["rope_theta"] = float(cfg.rope_theta)  # transformers 4 (see hf_config_dict)
+    if cfg.rope_scaling is not None:  # transformers 4's key: the same parameters, without the base
+        d["rope_scaling"] = {k: v for k, v in _rope_parameters(cfg).items() if k != "rope_theta"}
+    return d
+
+
+def _rope_from_hf(hf: Mapping, source: str) -> tuple[float, dict]:
+    """``(rope_theta, rope_scaling fields)`` of a HF config, in transformers 5 (``rope_parameters``) or 4
+    (``rope_theta`` + ``rope_scaling``) keys; rope types tanuki does not compute are refused by key."""
+    from tanuki.config import RopeScaling
+
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    if not isinstance(rope, Mapping):
+        raise HFFormatError(f"{source}: rope_parameters={rope!r} is not a mapping")
+    if "full_attention" in rope or "sliding_attention" in rope:
+        raise HFFormatError(f"{source}: per-layer-type rope_parameters are not supported")
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ROPE_TYPES:
+        raise HFFormatError(
+            f"{source}: rope_scaling.rope_type={rope_type!r} is not supported (tanuki computes {', '.join(ROPE_TYPES)})"
+        )
+    if float(rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))) != 1.0:
+        raise HFFormatError(f"{source}: partial_rotary_factor != 1 is not supported (tanuki rotates all of head_dim)")
+    theta = hf.get("rope_theta")
+    if theta is None:
+        theta = rope.get("rope_theta")
+    scaling = None
+    if rope_type != "default":
+        keep = {f: rope[f] for f in ("factor", "low_freq_factor", "high_freq_factor") if f in rope}
+        if rope_type == "llama3":
+            keep["original_max_position_embeddings"] = int(
+                rope.get("original_max_position_embeddings", hf.get("max_position_embeddings", 8192)))
+        scaling = RopeScaling(rope_type=rope_type, **{k: float(v) if k != "original_max_position_embeddings" else v
+                                                      for k, v in keep.items()})
+    return float(theta if theta is not None else 10000.0), scaling
+
+
+def _family_config_from_hf(hf: Mapping, source: str) -> ModelConfig:
+    """tanuki's :class:`ModelConfig` for a dense family's ``config.json`` (see :data:`FAMILY_ARCHITECTURES`)."""
+    family = hf["model_type"]
+    if hf.get("hidden_act", "silu") != "silu":
+        raise HFFormatError(f"{source}: hidden_act={hf['hidden_act']!r} is not supported (tanuki's MLP is SwiGLU)")
+    if family in ("llama", "qwen3", "cohere", "mistral") and hf.get("attention_bias", False):
+        raise HFFormatError(f"{source}: attention_bias=True (a bias on o_proj too) is not supported; "
+                            "tanuki has q/k/v biases only (Qwen2)")
+    if hf.get("mlp_bias", False):
+        raise HFFormatError(f"{source}: mlp_bias=True is not supported")
+    theta, scaling = _rope_from_hf(hf, source)
+    n_heads = hf["num_attention_heads"]
+    head_dim = hf.get("head_dim")
+    if head_dim is not None and head_dim == hf["hidden_size"] // n_heads and hf["hidden_size"] % n_heads == 0:
+        head_dim = None
+    window = hf.get("sliding_window")
+    if family in ("qwen2", "qwen3") and not hf.get("use_sliding_window", False):
+        window = None
+    if family in ("llama", "cohere"):
+        window = None
+    flags = dict(_FAMILY_FLAGS[family])
+    flags.pop("sliding_window", None)
+    if family == "cohere":
+        flags["qk_norm"] = "per_head" if hf.get("use_qk_norm", False) else "none"
+        flags["logit_scale"] = float(hf.get("logit_scale", 0.0625))
+        eps = hf.get("layer_norm_eps", 1e-5)
+    else:
+        eps = hf.get("rms_norm_eps", 1e-6)
+    return ModelConfig(
+        n_layers=hf["num_hidden_layers"],
+        dim=hf["hidden_size"],
+        n_heads=n_heads,
+        n_kv_heads=hf.get("num_key_value_heads") or n_heads,
+        ffn_dim=hf["intermediate_size"],
+        vocab_size=hf["vocab_size"],
+        head_dim=head_dim,
+        max_seq_len=hf.get("max_position_embeddings", 4096),
+        rope_theta=theta,
+        norm_eps=float(eps),
+        init_std=float(hf.get("initializer_range", 0.02)),
+        family=family,
+        rope_scaling=scaling,
+        tie_embeddings=bool(hf.get("tie_word_embeddings", family == "cohere")),
+        sliding_window=window,
+        **flags,
+    )
+
+
 def model_config_from_hf(hf: Mapping, source: str = "config.json") -> ModelConfig:
     """tanuki's :class:`ModelConfig` for a HF Llama or Mixtral ``config.json`` (rejecting what tanuki
     cannot run). Mixtral's ``router_jitter_noise`` (a training-time input perturbation) is not kept."""
     model_type = hf.get("model_type")
+    if model_type in FAMILY_ARCHITECTURES:
+        return _family_config_from_hf(hf, source)
     if model_type not in ("llama", "mixtral"):
         archs = hf.get("architectures")
         raise HFFormatError(
-            f"{source}: not a Llama or Mixtral model (model_type={model_type!r}, architectures={archs}); "
-            "tanuki imports LlamaForCausalLM and MixtralForCausalLM checkpoints"
+            f"{source}: model_type={model_type!r} (architectures={archs}) is not supported; tanuki imports "
+            f"{', '.join(sorted({*FAMILY_ARCHITECTURES.values(), 'MixtralForCausalLM'}))} checkpoints"
         )
     moe = {}
     if model_type == "mixtral":
@@ -290,11 +496,14 @@ def model_config_from_hf(hf: Mapping, source: str = "config.json") -> ModelConfi
 # --------------------------------------------------------------------------------------------------
 
 
-def to_hf_state_dict(state_dict: Mapping[str, torch.Tensor], dtype: Optional[torch.dtype] = None) -> dict:
-    """Rename (and optionally cast) a tanuki state dict to HF names. Non-parameter entries are dropped."""
+def to_hf_state_dict(state_dict: Mapping[str, torch.Tensor], dtype: Optional[torch.dtype] = None,
+                     tied: bool = False) -> dict:
+    """Rename (and optionally cast) a tanuki state dict to HF names. Non-parameter entries are dropped,
+    and with ``tied`` the output head (``lm_head.weight``: transformers ties it to the embedding, and
+    its ``save_pretrained`` leaves it out too)."""
     out = {}
     for name, t in state_dict.items():
-        if name.endswith("inv_freq"):
+        if name.endswith("inv_freq") or (tied and name == "head.weight"):
             continue
         t = t.detach()
         if dtype is not None and t.is_floating_point():
@@ -342,7 +551,9 @@ def export_hf(
         eos_token_id = ids.get("eos") if eos_token_id is None else eos_token_id
         pad_token_id = ids.get("pad") if pad_token_id is None else pad_token_id
 
-    hf_sd = to_hf_state_dict(state_dict, dtype)
+    if cfg.tie_embeddings and not torch.equal(state_dict["head.weight"], state_dict["embed.weight"]):
+        raise ValueError("model.tie_embeddings=true but head.weight differs from embed.weight")
+    hf_sd = to_hf_state_dict(state_dict, dtype, tied=cfg.tie_embeddings)
     saved_dtype = dtype or next(iter(hf_sd.values())).dtype
     with replacing_dir(output_dir) as tmp:
         split = split_torch_state_dict_into_shards(hf_sd, max_shard_size=max_shard_size)
@@ -393,8 +604,18 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         shapes[p + "attn.wq.weight"] = (cfg.n_heads * hd, d)
         shapes[p + "attn.wk.weight"] = (cfg.n_kv_heads * hd, d)
         shapes[p + "attn.wv.weight"] = (cfg.n_kv_heads * hd, d)
+        if cfg.qkv_bias:
+            shapes[p + "attn.wq.bias"] = (cfg.n_heads * hd,)
+            shapes[p + "attn.wk.bias"] = (cfg.n_kv_heads * hd,)
+            shapes[p + "attn.wv.bias"] = (cfg.n_kv_heads * hd,)
+        if cfg.qk_norm == "shared":
+            shapes[p + "attn.q_norm.weight"] = shapes[p + "attn.k_norm.weight"] = (hd,)
+        elif cfg.qk_norm == "per_head":
+            shapes[p + "attn.q_head_norm.weight"] = (cfg.n_heads, hd)
+            shapes[p + "attn.k_head_norm.weight"] = (cfg.n_kv_heads, hd)
         shapes[p + "attn.wo.weight"] = (d, cfg.n_heads * hd)
-        shapes[p + "mlp_norm.weight"] = (d,)
+        if not cfg.parallel_block:
+            shapes[p + "mlp_norm.weight"] = (d,)
         mlps = [f"{p}mlp.experts.{e}." for e in range(cfg.n_experts)] if cfg.n_experts else [p + "mlp."]
         if cfg.n_experts:
             shapes[p + "mlp.router.weight"] = (cfg.n_experts, d)
@@ -463,8 +684,10 @@ def load_hf(path: str | os.PathLike, dtype: Optional[torch.dtype] = None) -> tup
                 try:
                     name = from_hf_name(hf_name)
                 except KeyError:
-                    kind = "Mixtral" if cfg.n_experts else "Llama"
+                    kind = "Mixtral" if cfg.n_experts else FAMILY_ARCHITECTURES[cfg.family]
                     raise HFFormatError(f"{f}: unexpected tensor '{hf_name}' for a {kind} model") from None
+                if cfg.qk_norm == "per_head" and name.endswith(("attn.q_norm.weight", "attn.k_norm.weight")):
+                    name = name.replace("_norm.weight", "_head_norm.weight")
                 t = fh.get_tensor(hf_name)
                 sd[name] = t.to(dtype) if dtype is not None else t
     if "head.weight" not in sd and tied and "embed.weight" in sd:

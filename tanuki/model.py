@@ -1,10 +1,17 @@
-"""The tanuki model: a Llama-style decoder in plain PyTorch.
+"""The tanuki model: a Llama-style decoder in plain PyTorch, and the other families as configuration.
 
 Pre-norm RMSNorm, rotary position embedding (half-split layout, fp32 angle tables), grouped-query
 attention through ``torch.nn.functional.scaled_dot_product_attention``, SwiGLU MLP, untied input
 embedding and output head, no biases (Touvron et al. 2023, "LLaMA"; the llm-jp-3 and Tanuki-8B shapes in
 ``conf/size/``). With ``n_experts`` > 0 every MLP is a Mixtral-style mixture of experts (:class:`MoEMLP`;
 Tanuki-8x8B), whose router losses :func:`moe_losses` returns for the training step.
+
+The other families are flags of :class:`~tanuki.config.ModelConfig` (litgpt's one model with config
+flags), each checked against transformers' modelling code of that family: :class:`LayerNorm` (Cohere),
+the parallel block (Cohere), :class:`InterleavedRotary` (Cohere), rope scaling (Llama 3.1: ``linear``,
+``llama3``), q/k/v biases (Qwen2), per-head q/k norms (Qwen3: one RMSNorm gain over head_dim; Command R+:
+a LayerNorm gain per head), tied embedding and head, a logit scale (Cohere), a sliding window kept for
+the export (Mistral; tanuki attends to the full context and refuses longer inputs).
 
 This file knows nothing about distribution, DeepSpeed, Hydra or Hugging Face weight names. It uses
 ordinary ``nn.Linear`` / ``nn.Embedding`` modules so that tensor parallelism (``tanuki.parallel``) and the
@@ -48,7 +55,7 @@ class RMSNorm(nn.Module):
     same signature.
     """
 
-    def __init__(self, dim: int, eps: float = 1e-5):
+    def __init__(self, dim: int | tuple[int, ...], eps: float = 1e-5):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
@@ -68,7 +75,70 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
     def extra_repr(self) -> str:
-        return f"{self.weight.shape[0]}, eps={self.eps}"
+        return f"{tuple(self.weight.shape)}, eps={self.eps}"
+
+
+class LayerNorm(nn.Module):
+    """Layer norm (Ba et al. 2016) with a gain and no bias, as transformers' ``CohereLayerNorm``.
+
+    ``(x - mean) / sqrt(var + eps)`` over the last dimension, computed in fp32 and multiplied by the fp32
+    weight *before* the cast back (Cohere's order, unlike :class:`RMSNorm`). A weight of shape
+    ``(heads, head_dim)`` gives every head its own gain (Command R+'s q/k norms). Same ``forward(x,
+    residual)`` signature as :class:`RMSNorm`; there is no fused kernel for it.
+    """
+
+    def __init__(self, dim: int | tuple[int, ...], eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None):
+        if residual is not None:
+            x = x + residual
+            return self._norm(x), x
+        return self._norm(x)
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h - h.mean(-1, keepdim=True)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight.float() * h).to(x.dtype)
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.eps}"
+
+
+def make_norm(cfg: ModelConfig, shape: int | tuple[int, ...]) -> nn.Module:
+    """The norm ``cfg.norm`` selects, with gain ``shape``."""
+    return (LayerNorm if cfg.norm == "layernorm" else RMSNorm)(shape, cfg.norm_eps)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling=None, device=None) -> torch.Tensor:
+    """Rotary inverse frequencies ``theta ** (-2i / head_dim)`` (fp32), rescaled by ``scaling`` (a
+    :class:`~tanuki.config.RopeScaling`): ``linear`` divides them by ``factor``; ``llama3`` (Llama 3.1)
+    divides the low-frequency band (wavelength > L / low_freq_factor, L the original context) by
+    ``factor``, keeps the high one (wavelength < L / high_freq_factor), and interpolates between with
+    ``s = (L / wavelength - low) / (high - low)``: ``(1 - s) f / factor + s f``
+    (transformers.modeling_rope_utils ``_compute_llama3_parameters``)."""
+    exponent = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim
+    inv_freq = 1.0 / (theta**exponent)
+    if scaling is None:
+        return inv_freq
+    if scaling.rope_type == "linear":
+        return inv_freq / scaling.factor
+    if scaling.rope_type == "llama3":
+        L, lo, hi, factor = (scaling.original_max_position_embeddings, scaling.low_freq_factor,
+                             scaling.high_freq_factor, scaling.factor)
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > L / lo, inv_freq / factor, inv_freq)
+        smooth = (L / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < L / hi) * ~(wavelen > L / lo)
+        return torch.where(medium, smoothed, scaled)
+    raise ValueError(f"unknown rope scaling type {scaling.rope_type!r}")
 
 
 class Rotary(nn.Module):
@@ -79,15 +149,19 @@ class Rotary(nn.Module):
     precision (cos/sin tables built in bf16 lose it). The rotation is done in fp32 and cast back.
     """
 
-    def __init__(self, head_dim: int, theta: float = 10000.0):
+    def __init__(self, head_dim: int, theta: float = 10000.0, scaling=None):
         super().__init__()
         self.head_dim = head_dim
         self.theta = theta
+        #: a :class:`~tanuki.config.RopeScaling` folded into the frequencies (so the fused kernel applies)
+        self.scaling = scaling
         self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
 
     def _inv_freq(self, device=None) -> torch.Tensor:
-        exponent = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device) / self.head_dim
-        return 1.0 / (self.theta**exponent)
+        if self.scaling is None:  # the original fp32 arange, bit for bit
+            exponent = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device) / self.head_dim
+            return 1.0 / (self.theta**exponent)
+        return rope_inv_freq(self.head_dim, self.theta, self.scaling, device)
 
     def reset_parameters(self) -> None:
         # After ``to_empty`` (meta-device build) the buffer holds garbage: recompute it.
@@ -109,7 +183,27 @@ class Rotary(nn.Module):
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
     def extra_repr(self) -> str:
-        return f"head_dim={self.head_dim}, theta={self.theta}"
+        scaling = f", scaling={self.scaling.rope_type}" if self.scaling is not None else ""
+        return f"head_dim={self.head_dim}, theta={self.theta}{scaling}"
+
+
+class InterleavedRotary(Rotary):
+    """Rotary in the interleaved layout of Cohere (and GPT-J): the pairs are ``(x[2i], x[2i+1])``
+    (transformers' Cohere ``rotate_half`` and ``repeat_interleave`` of the angles). Same frequencies as
+    :class:`Rotary`; its own class, so the fused (half-split) kernel is never swapped in for it."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor):
+        angles = positions.to(torch.float32)[..., None] * self.inv_freq  # (B, T, D/2)
+        cos = angles.cos()[:, :, None, :]
+        sin = angles.sin()[:, :, None, :]
+        return _rotate_interleaved(q, cos, sin), _rotate_interleaved(k, cos, sin)
+
+
+def _rotate_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    h = x.float()
+    x1, x2 = h[..., 0::2], h[..., 1::2]
+    out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+    return out.to(x.dtype)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -147,11 +241,22 @@ class Attention(nn.Module):
         self.n_heads = cfg.n_heads
         self.n_kv_heads = cfg.n_kv_heads
         self.head_dim = cfg.attn_head_dim
-        self.wq = nn.Linear(cfg.dim, cfg.n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
         self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
-        self.rotary = Rotary(self.head_dim, cfg.rope_theta)
+        # Per-head q/k norms before rotary. One gain over head_dim shared by the heads (Qwen3) is
+        # ``q_norm``; a gain per head (Command R+) is ``q_head_norm``, a distinct name because tensor
+        # parallelism splits it with the heads while it replicates the shared one.
+        if cfg.qk_norm == "shared":
+            self.q_norm = make_norm(cfg, self.head_dim)
+            self.k_norm = make_norm(cfg, self.head_dim)
+        elif cfg.qk_norm == "per_head":
+            self.q_head_norm = make_norm(cfg, (cfg.n_heads, self.head_dim))
+            self.k_head_norm = make_norm(cfg, (cfg.n_kv_heads, self.head_dim))
+        self.qk_norm = cfg.qk_norm
+        rotary = InterleavedRotary if cfg.rope_interleaved else Rotary
+        self.rotary = rotary(self.head_dim, cfg.rope_theta, cfg.rope_scaling)
 
     def forward(
         self,
@@ -166,6 +271,10 @@ class Attention(nn.Module):
         q = self.wq(x).view(B, T, -1, self.head_dim)
         k = self.wk(x).view(B, T, -1, self.head_dim)
         v = self.wv(x).view(B, T, -1, self.head_dim)
+        if self.qk_norm == "shared":
+            q, k = self.q_norm(q), self.k_norm(k)
+        elif self.qk_norm == "per_head":
+            q, k = self.q_head_norm(q), self.k_head_norm(k)
         q, k = self.rotary(q, k, positions)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
 
@@ -352,18 +461,27 @@ def expert_load(model: nn.Module) -> torch.Tensor:
 
 
 class Block(nn.Module):
-    """One pre-norm decoder layer: ``h = x + attn(norm(x)); out = h + mlp(norm(h))``.
+    """One pre-norm decoder layer: ``h = x + attn(norm(x)); out = h + mlp(norm(h))``; with
+    ``cfg.parallel_block`` (Cohere) ``y = norm(x); out = x + attn(y) + mlp(y)`` (no ``mlp_norm``).
 
     ``mlp`` is a dense :class:`MLP`, or a :class:`MoEMLP` when ``cfg.n_experts`` > 0."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.parallel = cfg.parallel_block
+        self.attn_norm = make_norm(cfg, cfg.dim)
         self.attn = Attention(cfg)
-        self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        if not self.parallel:
+            self.mlp_norm = make_norm(cfg, cfg.dim)
         self.mlp = MoEMLP(cfg) if cfg.n_experts else MLP(cfg)
 
+    def parallel_branches(self, y, positions, mask=None, cache=None):
+        """``attn(y) + mlp(y)`` of a parallel block: one tensor-parallel region (one reduction)."""
+        return self.attn(y, positions, mask, cache) + self.mlp(y)
+
     def forward(self, x, positions, mask=None, cache=None):
+        if self.parallel:
+            return x + self.parallel_branches(self.attn_norm(x), positions, mask, cache)
         a = self.attn(self.attn_norm(x), positions, mask, cache)
         y, h = self.mlp_norm(a, residual=x)  # h = x + a, y = norm(h): one fused kernel on GPU
         return h + self.mlp(y)
@@ -377,10 +495,19 @@ class Transformer(nn.Module):
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
-        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.norm = make_norm(cfg, cfg.dim)
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:  # one parameter, under both names in the state dict
+            self.head.weight = self.embed.weight
         #: wraps each block's forward (activation checkpointing); identity by default
         self.checkpoint_fn = None
+
+    def _apply(self, fn, recurse=True):
+        # ``to_empty`` (meta-device build) makes a new tensor per module and so unties the head: tie again.
+        super()._apply(fn, recurse)
+        if self.cfg.tie_embeddings and self.head.weight is not self.embed.weight:
+            self.head.weight = self.embed.weight
+        return self
 
     # -- initialisation -----------------------------------------------------------------------------
 
@@ -406,16 +533,20 @@ class Transformer(nn.Module):
         std = self.cfg.init_std if std is None else std
         out_std = std / math.sqrt(2 * self.cfg.n_layers)
         gen = torch.Generator(device="cpu").manual_seed(seed)
+        done: set[int] = set()  # a tied head is the embedding: drawn once
         for name, module in self.named_modules():
-            if isinstance(module, (RMSNorm, Rotary, nn.Linear, nn.Embedding)):
+            if isinstance(module, (RMSNorm, LayerNorm, Rotary, nn.Linear, nn.Embedding)):
                 params = list(module.parameters(recurse=False))
                 with gather(params) if gather is not None and params else contextlib.nullcontext():
-                    if isinstance(module, (RMSNorm, Rotary)):
+                    if isinstance(module, (RMSNorm, LayerNorm, Rotary)):
                         module.reset_parameters()
-                    else:
+                    elif id(module.weight) not in done:
+                        done.add(id(module.weight))
                         s = out_std if name.endswith(("attn.wo", "w_down")) else std
                         w = torch.empty(module.weight.shape, dtype=torch.float32).normal_(0.0, s, generator=gen)
                         module.weight.copy_(w)
+                        if getattr(module, "bias", None) is not None:
+                            module.bias.zero_()
 
     # -- forward ------------------------------------------------------------------------------------
 
@@ -434,11 +565,20 @@ class Transformer(nn.Module):
                 (block-diagonal causal mask), so several samples share one row without seeing each other.
             cache: one :class:`KVCache` per layer for incremental decoding.
         """
-        return self.head(self.hidden_states(tokens, positions, segment_ids, cache))
+        logits = self.head(self.hidden_states(tokens, positions, segment_ids, cache))
+        if self.cfg.logit_scale != 1.0:
+            logits = logits * self.cfg.logit_scale
+        return logits
 
     def hidden_states(self, tokens, positions=None, segment_ids=None, cache=None) -> torch.Tensor:
         """Final-norm hidden states ``(B, T, dim)``: ``forward`` without the output head."""
         B, T = tokens.shape
+        window = self.cfg.sliding_window
+        if window is not None and (cache[0].length if cache else 0) + T > window:
+            raise ValueError(
+                f"{(cache[0].length if cache else 0) + T} positions exceed model.sliding_window={window}: tanuki "
+                "attends to the full context, which equals the windowed attention only within the window"
+            )
         if positions is None:
             start = cache[0].length if cache else 0
             positions = torch.arange(start, start + T, device=tokens.device).expand(B, T)
@@ -490,7 +630,9 @@ class ParamCounts:
 def count_parameters(model: nn.Module) -> ParamCounts:
     """Count parameters (works on the meta device)."""
     total = sum(p.numel() for p in model.parameters())
-    embedding = model.embed.weight.numel() + model.head.weight.numel()
+    embedding = model.embed.weight.numel()
+    if model.head.weight is not model.embed.weight:  # a tied head is counted once
+        embedding += model.head.weight.numel()
     idle = 0
     for m in model.modules():
         if isinstance(m, MoEMLP):
@@ -503,14 +645,20 @@ def param_counts_formula(cfg: ModelConfig) -> ParamCounts:
     """Closed-form parameter counts of :class:`Transformer` for ``cfg``."""
     d, hd = cfg.dim, cfg.attn_head_dim
     attn = d * cfg.n_heads * hd * 2 + d * cfg.n_kv_heads * hd * 2  # q, o and k, v
+    if cfg.qkv_bias:
+        attn += (cfg.n_heads + 2 * cfg.n_kv_heads) * hd
+    if cfg.qk_norm == "shared":
+        attn += 2 * hd
+    elif cfg.qk_norm == "per_head":
+        attn += (cfg.n_heads + cfg.n_kv_heads) * hd
     expert = 3 * d * cfg.ffn_dim
     if cfg.n_experts:
         mlp, active_mlp = cfg.n_experts * expert + d * cfg.n_experts, cfg.top_k * expert + d * cfg.n_experts
     else:
         mlp = active_mlp = expert
-    per_layer = attn + mlp + 2 * d  # two norms
+    per_layer = attn + mlp + (1 if cfg.parallel_block else 2) * d  # the block's norms
     non_embedding = cfg.n_layers * per_layer + d  # final norm
-    embedding = 2 * cfg.vocab_size * d
+    embedding = (1 if cfg.tie_embeddings else 2) * cfg.vocab_size * d
     total = embedding + non_embedding
     return ParamCounts(total=total, embedding=embedding, non_embedding=non_embedding,
                        active=total - cfg.n_layers * (mlp - active_mlp))

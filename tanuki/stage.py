@@ -25,7 +25,7 @@ import torch
 from omegaconf import OmegaConf
 from tokenizers import Tokenizer
 
-from tanuki.config import ConfigError, ModelConfig, StageConfig
+from tanuki.config import ConfigError, ModelConfig, StageConfig, check_sliding_window
 from tanuki.hf import HFFormatError, copy_tokenizer_files, model_config_from_hf, read_hf_config
 from tanuki.metrics import MetricsLogger
 from tanuki.parallel.env import DistEnv, init_distributed, resolve_run_dir
@@ -87,6 +87,7 @@ def check_context(seq_len: int, model: ModelConfig, init: str) -> None:
     """A fine-tuning run's ``train.seq_len`` fits the context of the model it starts from."""
     if seq_len > model.max_seq_len:
         raise ConfigError("train.seq_len", f"{seq_len} exceeds the context of {init} ({model.max_seq_len})")
+    check_sliding_window(seq_len, model, init)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -9,7 +9,17 @@ from :data:`TP_PLAN`, keyed by parameter name:
 * ``embed``: vocab-parallel (each rank looks up its own rows, the partial embeddings are summed);
 * ``head``: vocab-parallel output (each rank computes its vocabulary slice of the logits, which the
   loss consumes without gathering: :mod:`tanuki.parallel.cross_entropy`);
-* norm gains: replicated.
+* norm gains: replicated;
+* q/k/v biases (Qwen2): split with their projection's rows;
+* per-head q/k norms: a gain shared by the heads (Qwen3, ``attn.q_norm``) is replicated, and since each
+  rank applies it to its own heads, its gradient is a partial sum that is all-reduced over the TP group;
+  a gain per head (Command R+, ``attn.q_head_norm``, (heads, head_dim)) is split with the heads;
+* a tied embedding and head (``tie_embeddings``) is one vocab-parallel parameter, sharded once.
+
+Cohere's parallel block (``y = norm(x); x + attn(y) + mlp(y)``) is one TP region around
+``Block.parallel_branches``: its input passes through f once and the sum ``attn(y) + mlp(y)`` of partial
+outputs through g once, one all-reduce (or one all-gather / reduce-scatter pair with SP) per block,
+where the sequential block has two.
 
 Attention, the MLP and the head become TP regions through forward hooks: their input passes through f
 (:func:`~tanuki.parallel.comm.copy_to_tp`, or the sequence all-gather with SP), their output through g
@@ -50,12 +60,22 @@ TP_PLAN: dict[str, int] = {
     "attn.wq.weight": COLUMN,
     "attn.wk.weight": COLUMN,
     "attn.wv.weight": COLUMN,
+    "attn.wq.bias": COLUMN,
+    "attn.wk.bias": COLUMN,
+    "attn.wv.bias": COLUMN,
+    "attn.q_head_norm.weight": COLUMN,  # (heads, head_dim): split by heads
+    "attn.k_head_norm.weight": COLUMN,
     "attn.wo.weight": ROW,
     "mlp.w_gate.weight": COLUMN,
     "mlp.w_up.weight": COLUMN,
     "mlp.w_down.weight": ROW,
     "head.weight": COLUMN,  # vocabulary rows
 }
+
+
+#: replicated parameters used inside a TP region on each rank's heads only: their gradients are partial
+#: sums over the heads, all-reduced over the TP group with or without sequence parallelism
+HEAD_SHARED = ("attn.q_norm.weight", "attn.k_norm.weight")
 
 
 def split_dim(name: str) -> int | None:
@@ -159,6 +179,18 @@ def _exit_hook(group, sp: bool):
     return hook
 
 
+def _parallel_region(branches, group, sp: bool):
+    """``branches`` (a parallel block's ``attn(y) + mlp(y)``) as one TP region: f on the way in, g on
+    the sum of the two partial outputs."""
+
+    def region(y, *args, **kwargs):
+        y = gather_from_sequence(y, group) if sp else copy_to_tp(y, group)
+        out = branches(y, *args, **kwargs)
+        return reduce_scatter_to_sequence(out, group) if sp else reduce_from_tp(out, group)
+
+    return region
+
+
 def _all_reduce_grad_hook(group):
     def hook(grad: torch.Tensor) -> torch.Tensor:
         grad = grad.clone()
@@ -187,20 +219,27 @@ def apply_tensor_parallel(model: nn.Module, groups: ProcessGroups, sequence_para
     if tp == 1:
         return model
 
+    shards: dict[int, nn.Parameter] = {}  # a parameter shared by two modules (tied head) is sharded once
+    hooked: set[int] = set()
     for name, module in list(model.named_modules()):
         for pname, param in list(module.named_parameters(recurse=False)):
             full_name = f"{name}.{pname}" if name else pname
             dim = split_dim(full_name)
             if dim is None:
-                if sequence_parallel:
+                partial = full_name.endswith(HEAD_SHARED)
+                if (sequence_parallel or partial) and id(param) not in hooked:
+                    hooked.add(id(param))
                     param.register_hook(_all_reduce_grad_hook(group))
                     param.sequence_parallel = True
                 continue
-            shard = nn.Parameter(shard_tensor(full_name, param.detach(), tp, rank).clone(), requires_grad=param.requires_grad)
-            shard.tensor_model_parallel = True
-            shard.partition_dim = dim
-            shard.partition_stride = 1
-            setattr(module, pname, shard)
+            if id(param) not in shards:
+                shard = nn.Parameter(shard_tensor(full_name, param.detach(), tp, rank).clone(),
+                                     requires_grad=param.requires_grad)
+                shard.tensor_model_parallel = True
+                shard.partition_dim = dim
+                shard.partition_stride = 1
+                shards[id(param)] = shard
+            setattr(module, pname, shards[id(param)])
         if isinstance(module, nn.Linear):
             module.out_features, module.in_features = module.weight.shape
 
@@ -218,6 +257,9 @@ def apply_tensor_parallel(model: nn.Module, groups: ProcessGroups, sequence_para
 
     # TP regions: attention and MLP of every block, and the output head.
     for block in model.layers:
+        if getattr(block, "parallel", False):
+            block.parallel_branches = _parallel_region(block.parallel_branches, group, sequence_parallel)
+            continue
         for region in (block.attn, block.mlp):
             region.register_forward_pre_hook(_enter_hook(group, sequence_parallel))
             region.register_forward_hook(_exit_hook(group, sequence_parallel))
