@@ -35,7 +35,7 @@ from tanuki.build import build_frozen_engine, build_training_model
 from tanuki.checkpoint import plan_resume
 from tanuki.config import ConfigError, ModelConfig, StageConfig, TrainConfig, to_dict
 from tanuki.data.preference import PreferenceDataConfig, PreferenceDataLoader, build_preference_datasets
-from tanuki.hf import import_hf
+from tanuki.hf import import_hf, training_vocab_size
 from tanuki.info import flops_per_token
 from tanuki.lora import LoraConfig, adapters_disabled, count_trainable_parameters
 from tanuki.losses import chosen_nll, dpo_loss, dpo_metrics, sequence_logps
@@ -126,7 +126,8 @@ def resolve_template(cfg: DPOConfig, tokenizer_dir: str) -> str:
 
 def prepare(cfg: DPOConfig, env: DistEnv) -> PreparedDPO:
     """Checks needing files or the world size (before any process group)."""
-    model = plumbing.model_config_from_init(cfg.init, cfg.kernels)
+    # a trimmed export's vocabulary padded back to a multiple of 128 x tp (zero rows, masked by vocab_limit)
+    model = training_vocab_size(plumbing.model_config_from_init(cfg.init, cfg.kernels), cfg.parallel.tp)
     plumbing.check_context(cfg.train.seq_len, model, cfg.init)
     tok = cfg.tokenizer or cfg.init
     plumbing.check_tokenizer_dir(tok)
