@@ -151,13 +151,15 @@ def dpo_step(model, batch: dict[str, torch.Tensor], *, loss: LossConfig, referen
     logps, n_tokens = pair_logps(model, batch, average=average, vocab_limit=vocab_limit, vocab_parallel=vocab_parallel)
     b = logps.shape[0] // 2
     ref = ref.to(logps)
-    losses, chosen_r, rejected_r = dpo_loss(logps[:b], logps[b:], ref[:b], ref[b:], beta=loss.beta,
-                                            loss_type=loss.type, label_smoothing=loss.label_smoothing)
+    losses, _, _ = dpo_loss(logps[:b], logps[b:], ref[:b], ref[b:], beta=loss.beta, loss_type=loss.type,
+                            label_smoothing=loss.label_smoothing)
     total = losses.mean()
+    # IPO's loss takes per-token averages; the metrics under TRL's names are of summed log-probs (TRL
+    # logs those for every loss type), so the averages are multiplied back by the completion lengths.
+    sums, ref_sums = (logps * n_tokens, ref * n_tokens) if average else (logps, ref)
     if loss.rpo_alpha > 0:
-        chosen_sum = logps[:b] * n_tokens[:b] if average else logps[:b]
-        total = total + loss.rpo_alpha * chosen_nll(chosen_sum, n_tokens[:b])
-    stats = dpo_metrics(losses, chosen_r, rejected_r, logps[:b], logps[b:])
+        total = total + loss.rpo_alpha * chosen_nll(sums[:b], n_tokens[:b])
+    stats = dpo_metrics(losses, sums[:b], sums[b:], ref_sums[:b], ref_sums[b:], beta=loss.beta)
     stats["loss"] = total.detach()
     return StepOutput(loss=total, stats=stats)
 
