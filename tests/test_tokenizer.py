@@ -386,6 +386,7 @@ def test_report_numbers_recomputed_from_scratch(tok_dir, sp):
     assert report["vocab_size"] == 4000
     assert report["padded_vocab_size"] == pad_vocab_size(4000, 128) == 4096
     assert report["unknown_tokens"] == 0
+    assert report["lost_characters"] == 0  # byte fallback: every round trip is exact
     docs = list(iter_documents(sample_data_path(), lang_key="lang"))
     assert report["report_documents"] == len(docs)  # 2,000 >= the corpus: every document is measured
     for lang in ("ja", "en", "code"):
@@ -428,3 +429,37 @@ def test_language_detection_on_the_labelled_sample():
     docs = list(iter_documents(sample_data_path(), lang_key="lang"))
     right = sum(detect_language(d.text) == d.lang for d in docs)
     assert right / len(docs) >= 0.95
+
+
+def test_report_counts_the_characters_a_converted_bpe_without_byte_fallback_drops(tmp_path):
+    """A SentencePiece BPE without byte fallback, converted by transformers, drops what it cannot
+    encode and emits no unknown id; the report counts the characters the round trip loses. Oracle:
+    the characters SentencePiece itself covers by unknown pieces (their surfaces)."""
+    from transformers import AutoTokenizer
+
+    docs = list(iter_documents(sample_data_path(), lang_key="lang"))
+    train = tmp_path / "train.txt"
+    train.write_text("\n".join(d.text.replace("\n", " ") for d in docs[:1500]), encoding="utf-8")
+    spm.SentencePieceTrainer.train(
+        input=str(train), model_prefix=str(tmp_path / "bpe"), vocab_size=800, model_type="bpe",
+        byte_fallback=False, character_coverage=0.98, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, minloglevel=2,
+    )
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "tokenizer.model").write_bytes((tmp_path / "bpe.model").read_bytes())
+    (raw / "tokenizer_config.json").write_text('{"tokenizer_class": "LlamaTokenizer"}')
+    AutoTokenizer.from_pretrained(str(raw)).save_pretrained(str(tmp_path / "hf"))  # transformers' conversion
+
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "bpe.model"))
+    held_out = [d for d in docs[1500:] if not d.text.startswith(" ")][:300]
+    expected = sum(len(piece.surface) for d in held_out
+                   for piece in sp.encode(d.text, return_type="proto").pieces if piece.id == sp.unk_id())
+    assert expected > 50, expected
+    report = report_for_directory(str(tmp_path / "hf"), held_out)
+    assert report["unknown_tokens"] == 0  # what the report said before it counted the round trip
+    assert report["lost_characters"] == expected
+    assert sum(s["lost_characters"] for k, s in report["languages"].items() if k != "all") == expected
+    from tanuki.tokenizer.report import format_summary
+
+    assert f"loses {expected:,} characters" in format_summary(report)
