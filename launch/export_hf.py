@@ -51,6 +51,7 @@ def main(dcfg: DictConfig) -> None:
         max_shard_size=cfg.max_shard_size,
         tokenizer_dir=tokenizer,
         overwrite=cfg.overwrite,
+        vocab=cfg.vocab,
     )
     files = sorted(p.name for p in out.iterdir())
     print(f"exported {sum(t.numel() for t in state_dict.values()):,} parameters to {out}: {', '.join(files)}")

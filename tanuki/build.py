@@ -101,7 +101,8 @@ def build_training_model(
     """
     partitioned = builds_partitioned(parallel, init) and groups.tp == 1
     if init:
-        module = import_hf(init, device=device, dtype=torch.float32)
+        # the rows model_cfg pads a trimmed export to (zero, masked by the stage's vocab_limit)
+        module = import_hf(init, device=device, dtype=torch.float32, vocab_size=model_cfg.vocab_size)
     elif partitioned:
         module = build_partitioned_model(model_cfg, seed=seed, train=train, parallel=parallel, dp_size=groups.dp,
                                          bf16=bf16)

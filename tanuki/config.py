@@ -538,6 +538,10 @@ class ExportConfig:
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     #: default: <run dir>/hf
     dir: Optional[str] = None
+    #: the embedding and head rows written: trim = the tokenizer's ids only (the export scores text as
+    #: tanuki does); padded = the model's padded rows, those beyond the tokenizer zeroed (for engines that
+    #: mask logits by the tokenizer's size; see tanuki/hf.py, "Vocabulary rows")
+    vocab: Literal["trim", "padded"] = "trim"
 
 
 # The benchmark config lives with the evaluation; imported here, after the configs it uses exist, because
@@ -613,3 +617,7 @@ class ExportHFConfig:
     max_shard_size: str = "5GB"
     #: replace a non-empty output directory
     overwrite: bool = False
+    #: the embedding and head rows written: trim = the tokenizer's ids only (the export scores text as
+    #: tanuki does); padded = the model's padded rows, those beyond the tokenizer zeroed (for engines that
+    #: mask logits by the tokenizer's size; see tanuki/hf.py, "Vocabulary rows")
+    vocab: Literal["trim", "padded"] = "trim"

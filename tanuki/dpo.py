@@ -34,7 +34,7 @@ from tanuki.build import build_frozen_engine, build_training_model
 from tanuki.checkpoint import plan_resume
 from tanuki.config import ConfigError, ModelConfig, StageConfig, TrainConfig, to_dict
 from tanuki.data.preference import PreferenceDataConfig, PreferenceDataLoader, build_preference_datasets
-from tanuki.hf import import_hf
+from tanuki.hf import import_hf, training_vocab_size
 from tanuki.info import flops_per_token
 from tanuki.lora import LoraConfig, adapters_disabled, count_trainable_parameters
 from tanuki.losses import chosen_nll, dpo_loss, dpo_metrics, sequence_logps
@@ -111,7 +111,8 @@ class PreparedDPO:
 
 def prepare(cfg: DPOConfig, env: DistEnv) -> PreparedDPO:
     """Checks needing files or the world size (before any process group)."""
-    model = plumbing.model_config_from_init(cfg.init, cfg.kernels)
+    # a trimmed export's vocabulary padded back to a multiple of 128 x tp (zero rows, masked by vocab_limit)
+    model = training_vocab_size(plumbing.model_config_from_init(cfg.init, cfg.kernels), cfg.parallel.tp)
     plumbing.check_context(cfg.train.seq_len, model, cfg.init)
     tok = cfg.tokenizer or cfg.init
     plumbing.check_tokenizer_dir(tok)
@@ -135,13 +136,15 @@ def dpo_step(model, batch: dict[str, torch.Tensor], *, loss: LossConfig, referen
     logps, n_tokens = pair_logps(model, batch, average=average, vocab_limit=vocab_limit, vocab_parallel=vocab_parallel)
     b = logps.shape[0] // 2
     ref = ref.to(logps)
-    losses, chosen_r, rejected_r = dpo_loss(logps[:b], logps[b:], ref[:b], ref[b:], beta=loss.beta,
-                                            loss_type=loss.type, label_smoothing=loss.label_smoothing)
+    losses, _, _ = dpo_loss(logps[:b], logps[b:], ref[:b], ref[b:], beta=loss.beta, loss_type=loss.type,
+                            label_smoothing=loss.label_smoothing)
     total = losses.mean()
+    # IPO's loss takes per-token averages; the metrics under TRL's names are of summed log-probs (TRL
+    # logs those for every loss type), so the averages are multiplied back by the completion lengths.
+    sums, ref_sums = (logps * n_tokens, ref * n_tokens) if average else (logps, ref)
     if loss.rpo_alpha > 0:
-        chosen_sum = logps[:b] * n_tokens[:b] if average else logps[:b]
-        total = total + loss.rpo_alpha * chosen_nll(chosen_sum, n_tokens[:b])
-    stats = dpo_metrics(losses, chosen_r, rejected_r, logps[:b], logps[b:])
+        total = total + loss.rpo_alpha * chosen_nll(sums[:b], n_tokens[:b])
+    stats = dpo_metrics(losses, sums[:b], sums[b:], ref_sums[:b], ref_sums[b:], beta=loss.beta)
     stats["loss"] = total.detach()
     return StepOutput(loss=total, stats=stats)
 

@@ -25,6 +25,18 @@ transformers 5 holds the experts in memory as fused 3-D tensors (``mlp.gate.weig
 (n_experts, dim, ffn_dim)) and converts on load and save. :func:`load_hf` reads both namings (a
 directory written from a v5 in-memory state dict without that conversion included).
 
+Vocabulary rows. tanuki pads its embedding and head to a multiple of 128 x TP (Megatron's
+padding) and keeps the rows beyond the tokenizer's ids out of its softmax (``vocab_limit``), so they
+never train. Every other tool (transformers, lm-evaluation-harness, TRL, vLLM) scores all rows, so
+:func:`export_hf` writes the embedding and head trimmed to the tokenizer's size by default
+(``vocab="trim"``): the export then scores every text as tanuki does and no tool can produce an id the
+tokenizer lacks. ``vocab="padded"`` keeps the padded shape for engines that want a multiple of 128, with
+the padded rows of the embedding and head set to zero (their logit is exactly 0); a plain linear head
+cannot make a row lose against every input, so such exports are only for engines that mask logits by
+the tokenizer's size. On import for training, :func:`pad_vocab_rows` pads a trimmed model back (zero
+rows, which the loss masks and the optimizer then leaves at zero: no gradient, and weight decay of 0 is
+0).
+
 Both directions are exact renames: tanuki's rotary uses the same half-split layout as HF Llama (and
 Cohere's interleaved layout is a flag of the model, not a permutation of the weights), so no
 q/k permutation is needed (Meta's original interleaved checkpoints are converted by transformers' own
@@ -38,7 +50,7 @@ import json
 import os
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Mapping, Optional
 
@@ -47,7 +59,7 @@ import torch
 from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors import safe_open
 
-from tanuki.config import ModelConfig
+from tanuki.config import ModelConfig, pad_vocab_size
 from tanuki.fileio import read_json, read_safetensors, replacing_dir
 from tanuki.model import Rotary, Transformer
 
@@ -492,6 +504,58 @@ def model_config_from_hf(hf: Mapping, source: str = "config.json") -> ModelConfi
 
 
 # --------------------------------------------------------------------------------------------------
+# Vocabulary rows (module docstring: "Vocabulary rows")
+# --------------------------------------------------------------------------------------------------
+
+#: ``export.vocab``: trim = the embedding and head cut to the tokenizer's ids; padded = the model's shape,
+#: padded rows zero (for engines that mask logits by the tokenizer's size)
+VOCAB_MODES = ("trim", "padded")
+_VOCAB_ROWS = ("embed.weight", "head.weight")
+
+
+def trim_vocab_rows(state_dict: Mapping[str, torch.Tensor], cfg: ModelConfig, n: int) -> tuple[dict, ModelConfig]:
+    """The state dict and config with the embedding and head cut to their first ``n`` rows."""
+    if n > cfg.vocab_size:
+        raise ValueError(f"the tokenizer has {n} ids but the model only {cfg.vocab_size} embedding rows")
+    sd = dict(state_dict)
+    for name in _VOCAB_ROWS:
+        sd[name] = sd[name][:n].clone()
+    return sd, replace(cfg, vocab_size=n)
+
+
+def zero_vocab_rows(state_dict: Mapping[str, torch.Tensor], n: int) -> dict:
+    """The state dict with the embedding and head rows from ``n`` on set to zero (the input is not modified)."""
+    sd = dict(state_dict)
+    for name in _VOCAB_ROWS:
+        t = sd[name].clone()
+        t[n:] = 0
+        sd[name] = t
+    return sd
+
+
+def pad_vocab_rows(state_dict: Mapping[str, torch.Tensor], cfg: ModelConfig, vocab_size: int) -> tuple[dict, ModelConfig]:
+    """The state dict and config with the embedding and head padded to ``vocab_size`` rows by zeros:
+    deterministic, masked out of tanuki's softmax, and left at zero by AdamW (no gradient reaches them
+    and decoupled weight decay of zero is zero)."""
+    if vocab_size < cfg.vocab_size:
+        raise ValueError(f"cannot pad {cfg.vocab_size} vocabulary rows down to {vocab_size}")
+    if vocab_size == cfg.vocab_size:
+        return dict(state_dict), cfg
+    sd = dict(state_dict)
+    for name in _VOCAB_ROWS:
+        t = sd[name]
+        sd[name] = torch.cat([t, t.new_zeros(vocab_size - t.shape[0], *t.shape[1:])])
+    return sd, replace(cfg, vocab_size=vocab_size)
+
+
+def training_vocab_size(cfg: ModelConfig, tp: int) -> ModelConfig:
+    """The config of an imported model as tanuki trains it: ``vocab_size`` padded to a multiple of
+    128 x ``tp`` (Megatron's padding, what the vocabulary-parallel embedding and loss split evenly), so
+    a trimmed export can continue training with any TP."""
+    return replace(cfg, vocab_size=pad_vocab_size(cfg.vocab_size, tp=tp))
+
+
+# --------------------------------------------------------------------------------------------------
 # Export
 # --------------------------------------------------------------------------------------------------
 
@@ -524,6 +588,7 @@ def export_hf(
     eos_token_id: Optional[int] = None,
     pad_token_id: Optional[int] = None,
     overwrite: bool = False,
+    vocab: str = "trim",
 ) -> Path:
     """Write ``state_dict`` (tanuki names) as a Hugging Face ``LlamaForCausalLM`` directory, or
     ``MixtralForCausalLM`` for an MoE ``cfg`` (experts in the on-disk naming, see the module docstring).
@@ -531,7 +596,13 @@ def export_hf(
     The directory is assembled under a temporary name beside ``output_dir`` and renamed into place
     only when every file is written, so an interrupted export never leaves a loadable-looking
     directory. Special-token ids default to the tokenizer's when ``tokenizer_dir`` is given.
+
+    ``vocab`` (with ``tokenizer_dir``; module docstring, "Vocabulary rows"): ``trim`` writes the
+    embedding and head cut to the tokenizer's ids, ``padded`` the model's rows with those beyond the
+    tokenizer's ids zeroed. Without a tokenizer the rows are written as they are.
     """
+    if vocab not in VOCAB_MODES:
+        raise ValueError(f"vocab={vocab!r}: expected one of {VOCAB_MODES}")
     output_dir = Path(output_dir)
     if output_dir.exists():
         if not overwrite and any(output_dir.iterdir()):
@@ -550,6 +621,13 @@ def export_hf(
         bos_token_id = ids.get("bos") if bos_token_id is None else bos_token_id
         eos_token_id = ids.get("eos") if eos_token_id is None else eos_token_id
         pad_token_id = ids.get("pad") if pad_token_id is None else pad_token_id
+        if ids["size"] > cfg.vocab_size:
+            raise ValueError(f"{tokenizer_dir}: {ids['size']} ids, but the model has only {cfg.vocab_size} "
+                             "embedding rows (is this the tokenizer it was trained with?)")
+        if vocab == "trim":
+            state_dict, cfg = trim_vocab_rows(state_dict, cfg, ids["size"])
+        else:
+            state_dict = zero_vocab_rows(state_dict, ids["size"])
 
     if cfg.tie_embeddings and not torch.equal(state_dict["head.weight"], state_dict["embed.weight"]):
         raise ValueError("model.tie_embeddings=true but head.weight differs from embed.weight")
@@ -591,7 +669,8 @@ def _tokenizer_special_ids(tokenizer_dir: Path) -> dict:
     from transformers import PreTrainedTokenizerFast  # lazy, as in hf_config_dict
 
     tok = PreTrainedTokenizerFast.from_pretrained(str(tokenizer_dir))
-    return {"bos": tok.bos_token_id, "eos": tok.eos_token_id, "pad": tok.pad_token_id}
+    # size: every id the tokenizer can produce (added tokens included), what ``vocab_limit`` is in training
+    return {"bos": tok.bos_token_id, "eos": tok.eos_token_id, "pad": tok.pad_token_id, "size": len(tok)}
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -664,9 +743,10 @@ def weight_files(path: Path) -> list[Path]:
     return files
 
 
-def load_hf(path: str | os.PathLike, dtype: Optional[torch.dtype] = None) -> tuple[ModelConfig, dict]:
+def load_hf(path: str | os.PathLike, dtype: Optional[torch.dtype] = None,
+            vocab_size: Optional[int] = None) -> tuple[ModelConfig, dict]:
     """Read a HF Llama or Mixtral directory: its tanuki :class:`ModelConfig` and state dict (tanuki names,
-    CPU)."""
+    CPU). ``vocab_size``: pad the embedding and head to that many rows (:func:`pad_vocab_rows`)."""
     path = Path(path)
     hf_config = read_hf_config(path)
     cfg = model_config_from_hf(hf_config, source=str(path / "config.json"))
@@ -706,6 +786,8 @@ def load_hf(path: str | os.PathLike, dtype: Optional[torch.dtype] = None) -> tup
             raise HFFormatError(
                 f"{path}: tensor '{to_hf_name(name)}' has shape {tuple(sd[name].shape)}, config.json implies {shape}"
             )
+    if vocab_size is not None:
+        sd, cfg = pad_vocab_rows(sd, cfg, vocab_size)
     return cfg, sd
 
 
@@ -726,9 +808,12 @@ def read_hf_tensors(path: str | os.PathLike, names, dtype: Optional[torch.dtype]
     return out
 
 
-def import_hf(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
-    """Build a tanuki :class:`~tanuki.model.Transformer` with the weights of a HF Llama or Mixtral directory."""
-    cfg, sd = load_hf(path, dtype=dtype)
+def import_hf(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+              vocab_size: Optional[int] = None):
+    """Build a tanuki :class:`~tanuki.model.Transformer` with the weights of a HF Llama or Mixtral directory;
+    ``vocab_size``: with the embedding and head padded to that many rows (for training, see
+    :func:`training_vocab_size`)."""
+    cfg, sd = load_hf(path, dtype=dtype, vocab_size=vocab_size)
     with torch.device("meta"):
         model = Transformer(cfg)
     model.to_empty(device=device)

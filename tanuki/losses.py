@@ -270,24 +270,32 @@ def chosen_nll(policy_chosen_sum: torch.Tensor, n_tokens: torch.Tensor) -> torch
 
 def dpo_metrics(
     losses: torch.Tensor,
-    chosen_rewards: torch.Tensor,
-    rejected_rewards: torch.Tensor,
     policy_chosen: torch.Tensor,
     policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    *,
+    beta: float,
 ) -> dict[str, torch.Tensor]:
     """Batch means of the quantities TRL logs, under TRL's names, as detached 0-d tensors.
 
-    ``rewards/accuracies`` is the fraction of pairs whose chosen reward is strictly above the rejected
-    one; ``rewards/margins`` the mean of ``chosen - rejected``. These are means over the local batch;
-    averaging them across data-parallel ranks (and micro-batches) is the caller's.
+    The log-probs are *summed* over each completion, for every loss type (TRL's ``DPOTrainer``,
+    ``_compute_loss``: IPO divides by the completion length inside its loss only, its metrics stay
+    summed). ``rewards/chosen`` is the mean of ``beta * (policy_chosen - ref_chosen)`` (likewise
+    rejected), ``rewards/accuracies`` the fraction of pairs whose chosen reward is strictly above the
+    rejected one, ``rewards/margins`` the mean of ``chosen - rejected``, ``logps/*`` the means of the
+    policy's summed log-probs. These are means over the local batch; averaging them across
+    data-parallel ranks (and micro-batches) is the caller's.
     """
-    c, r = chosen_rewards.detach().float(), rejected_rewards.detach().float()
+    pc, pr = policy_chosen.detach().float(), policy_rejected.detach().float()
+    c = beta * (pc - ref_chosen.detach().float())
+    r = beta * (pr - ref_rejected.detach().float())
     return {
         "rewards/chosen": c.mean(),
         "rewards/rejected": r.mean(),
         "rewards/accuracies": (c > r).float().mean(),
         "rewards/margins": (c - r).mean(),
-        "logps/chosen": policy_chosen.detach().float().mean(),
-        "logps/rejected": policy_rejected.detach().float().mean(),
+        "logps/chosen": pc.mean(),
+        "logps/rejected": pr.mean(),
         "loss": losses.detach().float().mean(),
     }

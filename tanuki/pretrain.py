@@ -23,7 +23,7 @@ from tanuki.config import ConfigError, PretrainConfig, pad_vocab_size, to_dict
 from tanuki.data import DataLoader, build_pretrain_datasets
 from tanuki.data.blend import open_prefix
 from tanuki.fused import kernel_summary
-from tanuki.hf import export_hf
+from tanuki.hf import export_hf, training_vocab_size
 from tanuki.info import flops_per_token
 from tanuki.losses import causal_lm_loss
 from tanuki.model import moe_losses, param_counts_formula
@@ -48,8 +48,10 @@ class Prepared:
 def prepare(cfg: PretrainConfig, env: DistEnv) -> Prepared:
     """Checks that need files or the world size; raise ConfigError naming the key. No process group."""
     if cfg.init:
-        # The architecture comes from the checkpoint; the kernel choice stays the user's.
-        cfg = dataclasses.replace(cfg, model=plumbing.model_config_from_init(cfg.init, cfg.model.kernels))
+        # The architecture comes from the checkpoint; the kernel choice stays the user's. A trimmed export's
+        # vocabulary is padded back to a multiple of 128 x tp (zero rows, kept out of the loss by vocab_limit).
+        model = plumbing.model_config_from_init(cfg.init, cfg.model.kernels)
+        cfg = dataclasses.replace(cfg, model=training_vocab_size(model, cfg.parallel.tp))
     if not cfg.tokenizer.path:
         raise ConfigError("tokenizer.path", "is required: the tokenizer directory the data was encoded with")
     vocab = plumbing.tokenizer_vocab_size(cfg.tokenizer.path)
@@ -134,7 +136,8 @@ def run(prep: Prepared, env: DistEnv, run_dir: Path, print_fn: Callable[[str], N
         out_dir = Path(cfg.export.dir) if cfg.export.dir else run_dir / "hf"
 
         def on_finish(checkpoint: Path) -> None:
-            written = export_checkpoint(checkpoint, out_dir, dtype=cfg.export.dtype, tokenizer=str(run_dir / "tokenizer"))
+            written = export_checkpoint(checkpoint, out_dir, dtype=cfg.export.dtype, tokenizer=str(run_dir / "tokenizer"),
+                                        vocab=cfg.export.vocab)
             print_fn(f"exported the final checkpoint to {written}")
 
     stage = Stage(
@@ -153,15 +156,17 @@ def run(prep: Prepared, env: DistEnv, run_dir: Path, print_fn: Callable[[str], N
 
 
 def export_checkpoint(checkpoint: str | Path, output: str | Path, *, dtype: str = "bfloat16",
-                      tokenizer: str | None = None, max_shard_size: str = "5GB", overwrite: bool = True) -> Path:
-    """Consolidate a checkpoint's ZeRO shards on CPU and write a Hugging Face directory."""
+                      tokenizer: str | None = None, max_shard_size: str = "5GB", overwrite: bool = True,
+                      vocab: str = "trim") -> Path:
+    """Consolidate a checkpoint's ZeRO shards on CPU and write a Hugging Face directory (``vocab``: see
+    :func:`tanuki.hf.export_hf`)."""
     ckpt = resolve_checkpoint(checkpoint)
     model_cfg, sd = consolidate_checkpoint(ckpt)
     if tokenizer is None:
         run_tok = ckpt.parent.parent / "tokenizer"
         tokenizer = str(run_tok) if run_tok.is_dir() else None
     return export_hf(sd, model_cfg, output, dtype=getattr(torch, dtype), max_shard_size=max_shard_size,
-                     tokenizer_dir=tokenizer, overwrite=overwrite)
+                     tokenizer_dir=tokenizer, overwrite=overwrite, vocab=vocab)
 
 
 def main(cfg: PretrainConfig, env: DistEnv) -> int:

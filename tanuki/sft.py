@@ -25,7 +25,7 @@ from tanuki.checkpoint import consolidate_checkpoint, plan_resume
 from tanuki.config import ConfigError, ModelConfig, StageConfig, TrainConfig, to_dict
 from tanuki.data.sft import SFTDataConfig, SFTDataLoader, build_sft_datasets, exact_match, read_eval_prompts
 from tanuki.generate import generate
-from tanuki.hf import export_hf, import_hf
+from tanuki.hf import export_hf, import_hf, read_hf_config, training_vocab_size, trim_vocab_rows
 from tanuki.info import flops_per_token
 from tanuki.lisa import LisaConfig, LisaScheduler
 from tanuki.lora import LoraConfig, count_trainable_parameters, merge_lora_state_dict, save_peft_adapter
@@ -58,6 +58,10 @@ class SFTExportConfig:
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     #: default: <run dir>/hf (and <run dir>/adapter)
     dir: Optional[str] = None
+    #: the embedding and head rows written: trim = the tokenizer's ids only (the export scores text as
+    #: tanuki does); padded = the model's padded rows, those beyond the tokenizer zeroed (for engines that
+    #: mask logits by the tokenizer's size; see tanuki/hf.py, "Vocabulary rows")
+    vocab: Literal["trim", "padded"] = "trim"
 
 
 @dataclass(frozen=True)
@@ -105,7 +109,8 @@ class PreparedSFT:
 
 def prepare(cfg: SFTConfig, env: DistEnv) -> PreparedSFT:
     """Checks needing files or the world size (before any process group)."""
-    model = plumbing.model_config_from_init(cfg.init, cfg.kernels)
+    # a trimmed export's vocabulary padded back to a multiple of 128 x tp (zero rows, masked by vocab_limit)
+    model = training_vocab_size(plumbing.model_config_from_init(cfg.init, cfg.kernels), cfg.parallel.tp)
     plumbing.check_context(cfg.train.seq_len, model, cfg.init)
     tok = cfg.tokenizer or cfg.init
     plumbing.check_tokenizer_dir(tok)
@@ -142,13 +147,17 @@ def export_fine_tuned(checkpoint: Path, *, init: str, method: str, lora: LoraCon
     model_cfg, sd = consolidate_checkpoint(checkpoint)
     written = []
     if method == "lora":
+        # an adapter's whole embedding / head (modules_to_save) has the rows of the base it applies to
+        base_vocab = read_hf_config(init)["vocab_size"]
+        if base_vocab < model_cfg.vocab_size:
+            sd, model_cfg = trim_vocab_rows(sd, model_cfg, base_vocab)
         if export.adapter:
             adapter_dir = out_dir.parent / "adapter" if export.dir is None else Path(str(out_dir) + "-adapter")
             written.append(save_peft_adapter(sd, lora, str(Path(init).resolve()), adapter_dir, overwrite=True))
         sd = merge_lora_state_dict(sd, lora)
     if export.hf:
         out = export_hf(sd, model_cfg, out_dir, dtype=getattr(torch, export.dtype), tokenizer_dir=tokenizer_dir,
-                        overwrite=True)
+                        overwrite=True, vocab=export.vocab)
         if template.source is None:
             write_chat_template(out, template.name)
         written.append(out)

@@ -75,8 +75,12 @@ def test_step_zero_is_log2_and_precomputed_reference_gives_the_same_run(base, tm
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)  # policy == reference before the update
     assert first["rewards/chosen"] == pytest.approx(0, abs=1e-7) and first["rewards/margins"] == pytest.approx(0, abs=1e-7)
     for a, b in zip(live, pre):
-        for key in ("loss", "rewards/chosen", "rewards/rejected", "logps/chosen", "grad_norm"):
+        for key in ("loss", "logps/chosen", "grad_norm"):
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
+        # a reward is beta x a difference of two summed log-probs of ~-100, which the precomputing pass
+        # (other batches) can round one float32 ulp (7.6e-6) apart: bound it by 1e-6 of the sums
+        for key in ("rewards/chosen", "rewards/rejected"):
+            assert a[key] == pytest.approx(b[key], abs=0.1 * 1e-6 * abs(a["logps/chosen"]) + 1e-7), key
     assert (tmp_path / "pre" / "reference_logps.pt").is_file()  # kept for a resume
 
 
@@ -98,7 +102,9 @@ def learned_preferences(result):
     return val["val_rewards/margins"] > 0 and val["val_rewards/accuracies"] > 0.5 and val["val_loss"] < math.log(2)
 
 
-ONE_EPOCH = ["train.max_steps=12", "train.eval_every=12", "train.eval_iters=24", "train.lr=1e-2"]
+# lr 3e-3: at 1e-2 the tiny random policy overshoots (with the tokenizer's exact spacing after special
+# tokens, validation loss ended at 0.699 > log 2 although 65% of margins were positive); 3e-3 gives 0.60
+ONE_EPOCH = ["train.max_steps=12", "train.eval_every=12", "train.eval_iters=24", "train.lr=3e-3"]
 
 
 def test_full_dpo_learns_the_training_preferences(base, tmp_path):

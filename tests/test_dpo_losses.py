@@ -92,7 +92,7 @@ def test_policy_equal_to_reference_gives_log2_and_zero_rewards():
     losses, cr, rj = dpo_loss(pc, pr, pc.clone(), pr.clone(), beta=0.1)
     torch.testing.assert_close(losses, torch.full_like(losses, math.log(2)))
     assert (cr == 0).all() and (rj == 0).all()
-    m = dpo_metrics(losses, cr, rj, pc, pr)
+    m = dpo_metrics(losses, pc, pr, pc.clone(), pr.clone(), beta=0.1)
     assert m["loss"].item() == pytest.approx(math.log(2))
     assert m["rewards/accuracies"].item() == 0.0 and m["rewards/margins"].item() == 0.0
 
@@ -100,7 +100,7 @@ def test_policy_equal_to_reference_gives_log2_and_zero_rewards():
 def test_metrics_are_trl_named_batch_means():
     pc, pr, rc, rr = (t.clone().requires_grad_() for t in _logps(5, n=8))
     losses, cr, rj = dpo_loss(pc, pr, rc, rr, beta=BETA)
-    m = dpo_metrics(losses, cr, rj, pc, pr)
+    m = dpo_metrics(losses, pc, pr, rc, rr, beta=BETA)
     assert list(m) == ["rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                        "logps/chosen", "logps/rejected", "loss"]
     assert all(v.dim() == 0 and not v.requires_grad for v in m.values())
@@ -265,3 +265,53 @@ def test_vocab_parallel_sequence_logps_equal_one_process():
             torch.testing.assert_close(logps, ref.detach(), rtol=1e-6, atol=1e-5)
             assert torch.equal(n, ref_n)
             torch.testing.assert_close(grad, logits.grad[..., rank * 24:(rank + 1) * 24], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("loss_type", ["ipo", "sigmoid"])
+def test_step_logs_trl_quantities_under_trl_names(loss_type):
+    """TRL's DPOTrainer (1.16, ``_compute_loss``) logs summed completion log-probs for every loss type:
+    logps/chosen = mean of sum_t log p_policy, rewards/chosen = mean of beta (sum policy - sum ref); IPO
+    divides by the completion length inside its loss only: ((c_pol - c_ref) / n_c - (r_pol - r_ref) / n_r
+    - 1 / (2 beta))^2. The oracle: per-token log-probs of two tiny models by a plain log_softmax."""
+    from tanuki.dpo import LossConfig, dpo_step
+    from tanuki.model import build_model
+
+    cfg = ModelConfig(n_layers=1, dim=32, n_heads=2, n_kv_heads=2, ffn_dim=48, vocab_size=64, max_seq_len=32)
+    policy, ref_model = build_model(cfg, seed=1).eval(), build_model(cfg, seed=2).eval()
+    g = torch.Generator().manual_seed(0)
+    b, t = 3, 12
+    tokens = torch.randint(0, 60, (2 * b, t), generator=g)
+    labels = torch.randint(0, 60, (2 * b, t), generator=g)
+    for row, start in enumerate([2, 5, 3, 7, 1, 9]):  # completions of different lengths
+        labels[row, :start] = -100
+    batch = {"tokens": tokens, "labels": labels, "positions": torch.arange(t).expand(2 * b, t)}
+
+    def summed(model):
+        with torch.no_grad():
+            lp = torch.log_softmax(model(tokens).float(), -1)
+        mask = labels != -100
+        return (lp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask).sum(-1), mask.sum(-1)
+
+    pol, n = summed(policy)
+    ref, _ = summed(ref_model)
+    average = loss_type == "ipo"
+    beta = 0.1
+    out = dpo_step(policy, batch, loss=LossConfig(type=loss_type, beta=beta),
+                   reference=lambda batch: ref / n if average else ref, vocab_limit=None)
+    m = {k: float(v) for k, v in out.stats.items()}
+    c, r = beta * (pol[:b] - ref[:b]), beta * (pol[b:] - ref[b:])
+    assert m["logps/chosen"] == pytest.approx(pol[:b].mean().item(), rel=1e-5)
+    assert m["logps/rejected"] == pytest.approx(pol[b:].mean().item(), rel=1e-5)
+    assert m["rewards/chosen"] == pytest.approx(c.mean().item(), rel=1e-4, abs=1e-6)
+    assert m["rewards/rejected"] == pytest.approx(r.mean().item(), rel=1e-4, abs=1e-6)
+    assert m["rewards/margins"] == pytest.approx((c - r).mean().item(), rel=1e-4, abs=1e-6)
+    assert m["rewards/accuracies"] == pytest.approx((c > r).float().mean().item())
+    if average:
+        delta = (pol[:b] - ref[:b]) / n[:b] - (pol[b:] - ref[b:]) / n[b:]
+        expected = ((delta - 1 / (2 * beta)) ** 2).mean()
+    else:
+        expected = -torch.nn.functional.logsigmoid(beta * ((pol[:b] - ref[:b]) - (pol[b:] - ref[b:]))).mean()
+    assert m["loss"] == pytest.approx(expected.item(), rel=1e-5)
+    # the per-token averages IPO's loss uses are not what is logged (lengths 10, 7, 9 differ)
+    if average:
+        assert abs(m["logps/chosen"] - (pol[:b] / n[:b]).mean().item()) > 1.0

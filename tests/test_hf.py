@@ -17,7 +17,7 @@ from transformers import (
 )
 
 from tanuki.checkpoint import load_model_file, save_model_file
-from tanuki.config import ModelConfig
+from tanuki.config import ModelConfig, pad_vocab_size
 from tanuki.hf import (
     HFFormatError,
     export_hf,
@@ -90,7 +90,8 @@ def test_export_bf16_with_tokenizer(tmp_path):
     assert (out / "tokenizer.json").is_file() and (out / "tokenizer_config.json").is_file()
     hf = AutoModelForCausalLM.from_pretrained(out)
     assert hf.dtype == torch.bfloat16
-    assert torch.equal(hf.model.embed_tokens.weight, model.embed.weight.bfloat16())
+    # trimmed to the tokenizer's 12 ids (the default export.vocab=trim)
+    assert torch.equal(hf.model.embed_tokens.weight, model.embed.weight[:12].bfloat16())
     from transformers import AutoTokenizer
 
     assert AutoTokenizer.from_pretrained(out).eos_token_id == 2
@@ -204,9 +205,13 @@ def test_model_file_round_trip_and_export_cli(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "exported" in r.stdout
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
-    tokens = torch.randint(0, CFG.vocab_size, (1, 11))
+    tokens = torch.randint(0, 12, (1, 11))  # the tokenizer's 12 ids: the export is trimmed to them
     with torch.no_grad():
-        torch.testing.assert_close(hf(tokens).logits, model(tokens), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(hf(tokens).logits, model(tokens)[..., :12], rtol=1e-5, atol=1e-5)
+    r = _run(["launch/export_hf.py", f"checkpoint={tmp_path / 'model.safetensors'}", f"output={tmp_path / 'hf-padded'}",
+              f"tokenizer={tok}", "dtype=float32", "vocab=padded"])
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "hf-padded" / "config.json").read_text())["vocab_size"] == CFG.vocab_size
 
     # bad input: a checkpoint that does not exist, a file that is not a tanuki model, a missing key
     r = _run(["launch/export_hf.py", f"checkpoint={tmp_path / 'missing.safetensors'}", f"output={tmp_path / 'x'}"])
@@ -217,3 +222,86 @@ def test_model_file_round_trip_and_export_cli(tmp_path):
     r = _run(["launch/export_hf.py", f"output={tmp_path / 'x'}"])
     assert r.returncode == 2 and "config key 'checkpoint': is required" in r.stderr
     assert not (tmp_path / "x").exists()
+
+
+# -- vocabulary rows: trimmed to the tokenizer by default, padded back on import -------------------
+
+MOE_CFG = ModelConfig(n_layers=2, dim=64, n_heads=4, n_kv_heads=2, ffn_dim=48, vocab_size=320, max_seq_len=64,
+                      n_experts=4, top_k=2)
+
+
+@pytest.mark.parametrize("cfg", [CFG, MOE_CFG], ids=["llama", "mixtral"])
+def test_trimmed_export_scores_text_as_tanuki_and_never_produces_a_padded_id(tmp_path, cfg):
+    from transformers import AutoTokenizer
+
+    tok_dir = make_tokenizer(tmp_path / "tok")
+    n = len(AutoTokenizer.from_pretrained(tok_dir))  # 12 ids; the model has 320 rows
+    model = build_model(cfg, seed=5).eval()
+    out = export_hf(model.state_dict(), cfg, tmp_path / "hf", dtype=torch.float32, tokenizer_dir=tok_dir)
+    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert hf.config.vocab_size == n and hf.lm_head.weight.shape[0] == n
+    tok = AutoTokenizer.from_pretrained(out)
+    texts = ["the cat sat on the mat", "猫 が いる the mat", "mat mat cat 猫"]
+    ids = torch.tensor([tok(t).input_ids[:4] for t in texts])
+    ids = torch.cat([ids, torch.randint(0, n, (3, 10), generator=torch.Generator().manual_seed(0))], dim=1)
+    with torch.no_grad():
+        theirs = torch.log_softmax(hf(ids).logits, dim=-1)
+        full = model(ids)
+        # the oracle: tanuki's log-probs, the padded rows kept out of the softmax as vocab_limit does
+        ours = torch.log_softmax(full[..., :n], dim=-1)
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
+    # the untrimmed model's argmax lands on padded ids (random rows); the export's never can
+    assert (full.argmax(-1) >= n).any()
+    assert (theirs.argmax(-1) < n).all()
+    generated = hf.generate(ids[:, :4], max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert int(generated.max()) < n
+
+
+def test_padded_export_keeps_the_shape_with_zero_rows(tmp_path):
+    tok_dir = make_tokenizer(tmp_path / "tok")
+    model = build_model(CFG, seed=6)
+    out = export_hf(model.state_dict(), CFG, tmp_path / "hf", dtype=torch.float32, tokenizer_dir=tok_dir,
+                    vocab="padded")
+    cfg, sd = load_hf(out)
+    assert cfg == CFG
+    for name in ("embed.weight", "head.weight"):
+        assert torch.equal(sd[name][:12], model.state_dict()[name][:12])
+        assert not sd[name][12:].any()
+    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    with torch.no_grad():
+        logits = hf(torch.tensor([[4, 5, 6]])).logits
+    assert not logits[..., 12:].any()  # exactly 0: for engines that mask by the tokenizer's size
+    with pytest.raises(ValueError, match="vocab="):
+        export_hf(model.state_dict(), CFG, tmp_path / "hf2", tokenizer_dir=tok_dir, vocab="round")
+
+
+def test_export_refuses_a_tokenizer_larger_than_the_model(tmp_path):
+    tok_dir = make_tokenizer(tmp_path / "tok")
+    small = ModelConfig(n_layers=1, dim=64, n_heads=4, n_kv_heads=2, ffn_dim=96, vocab_size=8, max_seq_len=64)
+    with pytest.raises(ValueError, match="12 ids.*8 embedding rows"):
+        export_hf(build_model(small).state_dict(), small, tmp_path / "hf", tokenizer_dir=tok_dir)
+
+
+def test_export_import_export_round_trip_with_padding_for_tp(tmp_path):
+    tok_dir = make_tokenizer(tmp_path / "tok")
+    model = build_model(CFG, seed=7)
+    first = export_hf(model.state_dict(), CFG, tmp_path / "a", dtype=torch.float32, tokenizer_dir=tok_dir)
+    # as a stage imports it for training with tp=2: padded to a multiple of 128 x 2 by zero rows
+    rows = pad_vocab_size(12, tp=2)
+    cfg, sd = load_hf(first, vocab_size=rows)
+    assert rows == 256 and cfg.vocab_size == rows
+    for name in ("embed.weight", "head.weight"):
+        assert sd[name].shape[0] == rows and not sd[name][12:].any()
+        assert torch.equal(sd[name][:12], model.state_dict()[name][:12])
+    imported = import_hf(first, vocab_size=rows)
+    x = torch.randint(0, 12, (2, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(torch.log_softmax(imported(x)[..., :12], -1),
+                                   torch.log_softmax(model(x)[..., :12], -1), rtol=0, atol=1e-6)
+    second = export_hf(sd, cfg, tmp_path / "b", dtype=torch.float32, tokenizer_dir=tok_dir)
+    assert json.loads((first / "config.json").read_text()) == json.loads((second / "config.json").read_text())
+    _, a = load_hf(first)
+    _, b = load_hf(second)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="cannot pad"):
+        load_hf(first, vocab_size=8)

@@ -22,6 +22,8 @@ from tanuki.merge_moe import PROMPT_SETS, MergeError, MergeMoEConfig, merge_moe
 
 REPO = Path(__file__).resolve().parents[1]
 DENSE = ModelConfig(n_layers=2, dim=48, n_heads=4, n_kv_heads=2, ffn_dim=80, vocab_size=128, max_seq_len=64)
+#: ids of make_tokenizer's tokenizer: the exports are trimmed to them (export_hf's vocab="trim")
+N_IDS = 20
 
 
 def make_tokenizer(path: Path) -> Path:
@@ -60,9 +62,9 @@ def dirs(tmp_path_factory):
     tok = make_tokenizer(root / "tok")
     return {
         "base": dense_dir(root / "base", 1, tokenizer=tok),
-        "a": dense_dir(root / "a", 2),
-        "b": dense_dir(root / "b", 3),
-        "c": dense_dir(root / "c", 4),
+        "a": dense_dir(root / "a", 2, tokenizer=tok),
+        "b": dense_dir(root / "b", 3, tokenizer=tok),
+        "c": dense_dir(root / "c", 4, tokenizer=tok),
         "root": root,
     }
 
@@ -77,7 +79,7 @@ def test_upcycle_without_noise_is_exactly_the_dense_base(dirs, tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == ["MixtralForCausalLM"] and config["num_local_experts"] == 4
     assert (out / "tokenizer.json").is_file() and AutoTokenizer.from_pretrained(out).eos_token_id == 2
-    tokens = torch.randint(0, DENSE.vocab_size, (2, 17))
+    tokens = torch.randint(0, N_IDS, (2, 17))
     dense = import_hf(dirs["base"]).eval()
     moe = import_hf(out).eval()
     hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
@@ -125,7 +127,7 @@ def test_random_gate_takes_each_expert_from_its_model(dirs, tmp_path):
 
     hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     model = import_hf(out, dtype=torch.float32).eval()
-    tokens = torch.randint(0, DENSE.vocab_size, (2, 13))
+    tokens = torch.randint(0, N_IDS, (2, 13))
     with torch.no_grad():
         torch.testing.assert_close(hf(tokens).logits, model(tokens), rtol=1e-5, atol=1e-5)
 
@@ -158,7 +160,7 @@ def test_hidden_gate_rows_follow_the_formula(dirs, tmp_path):
         assert torch.allclose(router.norm(dim=-1), torch.ones(2))
 
     hf_moe = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    tokens = torch.randint(0, DENSE.vocab_size, (1, 11))
+    tokens = torch.randint(0, N_IDS, (1, 11))
     with torch.no_grad():
         torch.testing.assert_close(hf_moe(tokens).logits, import_hf(out).eval()(tokens), rtol=1e-5, atol=1e-5)
 

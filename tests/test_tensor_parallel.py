@@ -287,3 +287,58 @@ def test_vocab_padding_keeps_the_loss_independent_of_tp():
     from tanuki.config import pad_vocab_size
 
     assert pad_vocab_size(65000, tp=2) == 65024 and pad_vocab_size(99487, tp=4) == 99840
+
+
+# -- continued pretraining from a trimmed export -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trimmed_export(tiny_corpus, tmp_path_factory):
+    """A tokenizer of 1200 ids (not a multiple of 128 x 2), the sample data encoded with it, and a model
+    exported trimmed to those 1200 rows (what export.vocab=trim writes)."""
+    import io
+
+    from tanuki.config import ModelConfig
+    from tanuki.data.config import PreprocessConfig
+    from tanuki.data.preprocess import preprocess
+    from tanuki.hf import export_hf
+    from tanuki.model import build_model
+    from tanuki.tokenizer import BuildTokenizerConfig, build_tokenizer
+
+    tmp = tmp_path_factory.mktemp("trimmed")
+    build_tokenizer(BuildTokenizerConfig(input=str(tiny_corpus["dir"] / "corpus.jsonl"), output=str(tmp / "tok"),
+                                         vocab_size=1200, progress=False, threads=1, report_documents=5),
+                    log=io.StringIO())
+    preprocess(PreprocessConfig(input=str(tiny_corpus["dir"] / "corpus.jsonl"), tokenizer=str(tmp / "tok"),
+                                output_prefix=str(tmp / "data" / "sample"), progress=False))
+    cfg = ModelConfig(n_layers=2, dim=64, n_heads=8, n_kv_heads=4, ffn_dim=128, vocab_size=1280, max_seq_len=128)
+    hf = export_hf(build_model(cfg, seed=11).state_dict(), cfg, tmp / "hf", dtype=torch.float32,
+                   tokenizer_dir=tmp / "tok")
+    return {"tokenizer": str(tmp / "tok"), "prefix": str(tmp / "data" / "sample"), "hf": str(hf)}
+
+
+@pytest.mark.slow
+def test_tp2_training_from_a_trimmed_export_equals_one_process(trimmed_export, tmp_path):
+    """A trimmed export (1200 rows) continues pretraining under TP=2: its vocabulary is padded back to
+    1280 = 5 x 128 x 2 by zero rows that never train, the loss equals the one-process run's, and the
+    export of the result is trimmed to the tokenizer again."""
+    from tanuki.checkpoint import consolidate_checkpoint
+    from tanuki.hf import load_hf
+    from tanuki.pretrain import export_checkpoint
+
+    steps = STEPS + [f"init={trimmed_export['hf']}", "train.seq_len=32"]
+    one, one_ckpt = run_ranks(train_on_rank, 1, trimmed_export, str(tmp_path / "tp1"), steps)[0]
+    two, two_ckpt = run_ranks(train_on_rank, 2, trimmed_export, str(tmp_path / "tp2"),
+                              steps + ["parallel.tp=2", "parallel.zero_stage=1"])[0]
+    assert [r["step"] for r in two] == [1, 2, 3]
+    for got, want in zip(two, one):
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
+    cfg, sd = consolidate_checkpoint(two_ckpt)
+    assert cfg.vocab_size == 1280
+    _, init_sd = load_hf(trimmed_export["hf"])
+    for name in ("embed.weight", "head.weight"):
+        assert not sd[name][1200:].any(), f"{name}: a padded row moved"
+        assert not torch.equal(sd[name][:1200], init_sd[name])  # the real rows trained
+    out = export_checkpoint(two_ckpt, tmp_path / "hf", dtype="float32")
+    cfg_out, sd_out = load_hf(out)
+    assert cfg_out.vocab_size == 1200 and torch.equal(sd_out["head.weight"], sd["head.weight"][:1200])

@@ -62,6 +62,27 @@ def sp(tok_dir):
     return spm.SentencePieceProcessor(model_file=str(tok_dir / "tokenizer.model"))
 
 
+SPECIALS = ("<s>", "</s>", "<pad>", "<unk>")
+
+
+def sentencepiece_ids(tok_dir: Path):
+    """SentencePiece's ids of a (normalized) text as Hugging Face's split_special_tokens=True path reads
+    it: a text that starts with a special-token literal has no dummy prefix (tanuki.tokenizer.convert)."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    data = (tok_dir / "tokenizer.model").read_bytes()
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(data)
+    proto.normalizer_spec.add_dummy_prefix = False
+    sp, no_prefix = spm.SentencePieceProcessor(model_proto=data), spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
+    return lambda text: (no_prefix if text.startswith(SPECIALS) else sp).encode(text)
+
+
+@pytest.fixture(scope="module")
+def sp_ids(tok_dir):
+    return sentencepiece_ids(tok_dir)
+
+
 def hf_ids(tok, texts):
     """The Hugging Face ids of texts with special-token literals read as text (FastEncoder's contract)."""
     return tok(list(texts), add_special_tokens=False, split_special_tokens=True)["input_ids"]
@@ -111,7 +132,8 @@ def test_no_pre_tokenizer_and_the_documented_pipeline(tok_dir):
     data = json.loads((tok_dir / "tokenizer.json").read_text())
     assert data["pre_tokenizer"] is None
     assert data["model"]["type"] == "Unigram" and data["model"]["byte_fallback"] is True
-    assert [n["type"] for n in data["normalizer"]["normalizers"]] == ["Prepend", "Replace"]
+    assert [n["type"] for n in data["normalizer"]["normalizers"]] == ["Prepend", "Replace", "Replace"]
+    assert all(t["normalized"] and not t["lstrip"] and not t["rstrip"] for t in data["added_tokens"])
     assert [d["type"] for d in data["decoder"]["decoders"]] == ["ByteFallback", "Replace", "Fuse", "Strip"]
 
 
@@ -138,7 +160,7 @@ def test_fast_encoder_equals_hf_on_documents(tok_dir, hf, heldout_lines):
     # Whole multi-line documents, some far longer than a line, the way preprocessing encodes them.
     docs = ["\n".join(heldout_lines[i : i + n]) for i, n in zip(range(0, 6000, 500), [1, 2, 5, 50, 1000] * 3)]
     docs += ["\nstarts with a newline", "\n\n", "ends with newlines\n\n", "\n", "", " ", "a\n\n\n  b\n\tc"]
-    docs += ["\n" + docs[4], "\n\n" + docs[9]]
+    docs += ["\n" + docs[4], "\n\n" + docs[9], "<s> starts with a literal", "</s>\n" + docs[4]]
     enc = FastEncoder(tok_dir)
     assert sum(len(d) > enc._exact_chars for d in docs) >= 4  # these take the line-by-line path
     assert enc.encode_batch(docs) == hf_ids(hf, docs)
@@ -161,7 +183,7 @@ def test_fast_encoder_falls_back_to_tokenizers_for_other_directories(tok_dir, tm
     enc = FastEncoder(tmp_path)
     assert enc.backend == "tokenizers"
     assert (enc.vocab_size, enc.bos_id, enc.eos_id, enc.pad_id) == (4000, 1, 2, 3)
-    lines = heldout_lines[:300] + ["<s> literal </s>"]
+    lines = heldout_lines[:300] + ["<s> literal </s>", "x <s>"]
     assert enc.encode_batch(lines) == hf_ids(hf, lines)
 
 
@@ -184,6 +206,7 @@ def test_round_trip_edge_cases(hf, sp, text):
     (ids,) = hf_ids(hf, [text])
     assert hf.decode(ids) == text
     assert sp.encode(text) == ids
+    assert hf.decode(hf(text, add_special_tokens=False)["input_ids"]) == text  # specials read as specials
     if "<" not in text:  # without special-token literals the default call is the same
         assert hf(text, add_special_tokens=False)["input_ids"] == ids
 
@@ -213,10 +236,54 @@ _mixed = st.lists(st.sampled_from([" ", "  ", "\t", "\n", "a", "the", "あ", "�
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.one_of(_text, _mixed))
-def test_round_trip_random_unicode(hf, sp, text):
+def test_round_trip_random_unicode(hf, sp_ids, text):
     (ids,) = hf_ids(hf, [text])
     assert hf.decode(ids) == text
-    assert sp.encode(text) == ids
+    assert sp_ids(text) == ids
+
+
+def test_special_token_text_round_trips_exactly(hf):
+    # each part after a special token used to get a dummy prefix of its own: "literal <s>  and </s>"
+    for text in ["literal <s> and </s>", "<s>hello", " <s>x", "<s> ### 指示", "a</s><s>b", "<pad><unk>", "x <s>"]:
+        ids = hf(text, add_special_tokens=False)["input_ids"]
+        assert hf.decode(ids) == text
+        with_bos = hf(text)["input_ids"]  # the post-processor's BOS, then the same ids
+        assert with_bos[0] == hf.bos_token_id and hf.decode(with_bos[1:]) == text
+    # a chat template's leading <s> is the first id (no lone dummy-prefix piece before it), and the
+    # text after a special token gets no dummy prefix
+    ids = hf("<s>たぬき</s>", add_special_tokens=False)["input_ids"]
+    assert ids[0] == hf.bos_token_id and ids[-1] == hf.eos_token_id
+    assert not hf.convert_ids_to_tokens(ids[1]).startswith("\u2581")
+
+
+_with_specials = st.lists(
+    st.sampled_from(list(SPECIALS) + [" ", "  ", "\t", "\n", "a", "the", "たぬき", "漢字", "の", "１", "<", "s>", "/", "😀"]),
+    max_size=24,
+).map("".join)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(_with_specials)
+def test_special_token_text_mixed_with_spaces_and_japanese_round_trips(hf, tok_dir, sp_ids, text):
+    # read as special tokens (the default call, what chat templates and other tools do) ...
+    assert hf.decode(hf(text, add_special_tokens=False)["input_ids"]) == text
+    with_bos = hf(text)["input_ids"]
+    assert with_bos[0] == hf.bos_token_id and hf.decode(with_bos[1:]) == text
+    # ... and as text (tanuki's data path): exact, SentencePiece's ids, FastEncoder's ids
+    (ids,) = hf_ids(hf, [text])
+    assert hf.decode(ids) == text
+    assert not set(ids) & set(hf.all_special_ids) - {hf.unk_token_id} or text == ""
+    assert sp_ids(text) == ids
+    assert _fast_encoder(tok_dir).encode(text) == ids
+
+
+_encoders: dict = {}
+
+
+def _fast_encoder(path):
+    if path not in _encoders:
+        _encoders[path] = FastEncoder(path)
+    return _encoders[path]
 
 
 def test_space_marker_in_text_is_the_one_known_loss(hf):
@@ -242,11 +309,11 @@ def test_nfkc_normalizes_then_round_trips(nfkc_dir):
 @given(st.one_of(_text, _mixed))
 def test_nfkc_normalized_text_round_trips_and_matches_sentencepiece(nfkc_dir, text):
     tok = _nfkc_cache(nfkc_dir)
-    sp_nfkc = spm.SentencePieceProcessor(model_file=str(nfkc_dir / "tokenizer.model"))
+    sp_nfkc = _nfkc_cache(nfkc_dir / "tokenizer.model")
     normalized = tok.decode(hf_ids(tok, [text])[0])
     (ids,) = hf_ids(tok, [normalized])
     assert tok.decode(ids) == normalized
-    assert sp_nfkc.encode(normalized) == ids
+    assert sp_nfkc(normalized) == ids
 
 
 _loaded: dict = {}
@@ -254,7 +321,7 @@ _loaded: dict = {}
 
 def _nfkc_cache(path):
     if path not in _loaded:
-        _loaded[path] = load(path)
+        _loaded[path] = sentencepiece_ids(path.parent) if path.name == "tokenizer.model" else load(path)
     return _loaded[path]
 
 
@@ -319,6 +386,7 @@ def test_report_numbers_recomputed_from_scratch(tok_dir, sp):
     assert report["vocab_size"] == 4000
     assert report["padded_vocab_size"] == pad_vocab_size(4000, 128) == 4096
     assert report["unknown_tokens"] == 0
+    assert report["lost_characters"] == 0  # byte fallback: every round trip is exact
     docs = list(iter_documents(sample_data_path(), lang_key="lang"))
     assert report["report_documents"] == len(docs)  # 2,000 >= the corpus: every document is measured
     for lang in ("ja", "en", "code"):
@@ -361,3 +429,37 @@ def test_language_detection_on_the_labelled_sample():
     docs = list(iter_documents(sample_data_path(), lang_key="lang"))
     right = sum(detect_language(d.text) == d.lang for d in docs)
     assert right / len(docs) >= 0.95
+
+
+def test_report_counts_the_characters_a_converted_bpe_without_byte_fallback_drops(tmp_path):
+    """A SentencePiece BPE without byte fallback, converted by transformers, drops what it cannot
+    encode and emits no unknown id; the report counts the characters the round trip loses. Oracle:
+    the characters SentencePiece itself covers by unknown pieces (their surfaces)."""
+    from transformers import AutoTokenizer
+
+    docs = list(iter_documents(sample_data_path(), lang_key="lang"))
+    train = tmp_path / "train.txt"
+    train.write_text("\n".join(d.text.replace("\n", " ") for d in docs[:1500]), encoding="utf-8")
+    spm.SentencePieceTrainer.train(
+        input=str(train), model_prefix=str(tmp_path / "bpe"), vocab_size=800, model_type="bpe",
+        byte_fallback=False, character_coverage=0.98, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, minloglevel=2,
+    )
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "tokenizer.model").write_bytes((tmp_path / "bpe.model").read_bytes())
+    (raw / "tokenizer_config.json").write_text('{"tokenizer_class": "LlamaTokenizer"}')
+    AutoTokenizer.from_pretrained(str(raw)).save_pretrained(str(tmp_path / "hf"))  # transformers' conversion
+
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "bpe.model"))
+    held_out = [d for d in docs[1500:] if not d.text.startswith(" ")][:300]
+    expected = sum(len(piece.surface) for d in held_out
+                   for piece in sp.encode(d.text, return_type="proto").pieces if piece.id == sp.unk_id())
+    assert expected > 50, expected
+    report = report_for_directory(str(tmp_path / "hf"), held_out)
+    assert report["unknown_tokens"] == 0  # what the report said before it counted the round trip
+    assert report["lost_characters"] == expected
+    assert sum(s["lost_characters"] for k, s in report["languages"].items() if k != "all") == expected
+    from tanuki.tokenizer.report import format_summary
+
+    assert f"loses {expected:,} characters" in format_summary(report)

@@ -512,7 +512,8 @@ def _report(tmp_dir: str, cfg: BuildTokenizerConfig, files, trained: _Trained) -
     with open(os.path.join(tmp_dir, "tokenizer.json"), encoding="utf-8") as f:
         surfaces = report_mod.piece_surfaces(json.load(f))
     languages, sources = report_mod.measure_compression(
-        sample, encoder.encode_batch, report_mod.byte_piece_ids(surfaces), encoder.unk_id
+        sample, encoder.encode_batch, report_mod.byte_piece_ids(surfaces), encoder.unk_id,
+        decode_batch=report_mod.hf_decoder(tmp_dir),
     )
     # Check on the user's own text that tokenizer.json (what transformers runs) gives the fast
     # encoder's ids; the tokenizers library directly, to spare importing transformers.
@@ -555,6 +556,7 @@ def _report(tmp_dir: str, cfg: BuildTokenizerConfig, files, trained: _Trained) -
         "language_labels": sources,
         "report_documents": len(sample),
         "unknown_tokens": languages["all"]["unknown_tokens"],
+        "lost_characters": languages["all"]["lost_characters"],
         "hf_check": {"documents": len(check), "identical_ids": identical},
         "vocabulary": report_mod.vocabulary_stats(surfaces),
         "config": to_dict(cfg),

@@ -9,7 +9,22 @@ generic converter). What matches (measured in ``../shared/reference/tokenizer.md
 * normalizer: NFKC if trained with it (SentencePiece's own compiled table, see
   :func:`build_normalizer`), then prepend ``▁`` (the dummy prefix), then every space -> ``▁``;
 * no pre-tokenizer: Metaspace would split runs of spaces apart and break indented code;
-* decoder: byte fallback, ``▁`` -> space, fuse, strip the one leading space of the dummy prefix.
+* decoder: byte fallback, ``▁`` -> space, fuse, strip the one leading space of the dummy prefix;
+* special tokens matched in the *normalized* text (``normalized=True``), see below.
+
+Special tokens in text. The Hugging Face tokenizer splits the text at special tokens and runs the
+normalizer on each part. With the special tokens matched in the raw text (``normalized=False``) every
+part after a special token got a dummy prefix of its own, so ``decode(encode("a <s> b"))`` gave
+``"a <s>  b"`` (one space too many after each special token) and a chat template's ``<s>### ...``
+encoded as ``<s> ▁###``. Matched in the normalized text instead, the whole text is normalized once,
+so the one dummy prefix is the only ``▁`` added, and the decoder's strip removes exactly it. When the
+text *starts* with a special token (a chat template's ``<s>``), the dummy prefix would become a lone
+``▁`` token before it; the last normalizer step drops a ``▁`` at the very start that a special token
+follows, and the decoder then has no leading space to strip (its strip only removes a space). Both
+directions are exact for every text (identity normalization; with NFKC for NFKC-stable text).
+Literal special-token text read as text (``split_special_tokens=True``, the data path) is unchanged,
+except a text that starts with such a literal, which gets no dummy prefix (FastEncoder then encodes
+it with the tokenizers library, see :mod:`tanuki.tokenizer.encode`).
 
 Two differences between the two Viterbi implementations are removed here:
 
@@ -29,8 +44,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
-from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, processors
 
 from tanuki.tokenizer.config import NUM_BYTE_PIECES, SpecialTokens
 
@@ -94,7 +110,7 @@ def hf_vocab(proto) -> list[tuple[str, float]]:
     return vocab
 
 
-def build_normalizer(proto, normalization: str):
+def build_normalizer(proto, normalization: str, specials: tuple[str, ...] = ()):
     """Hugging Face normalizer equivalent to SentencePiece's for ``normalization``.
 
     NFKC uses SentencePiece's compiled NFKC table (``Precompiled``), the one the model was trained
@@ -110,7 +126,16 @@ def build_normalizer(proto, normalization: str):
     elif normalization != "identity":
         raise ValueError(f"unknown normalization {normalization!r}: use identity or nfkc")
     steps += [normalizers.Prepend(SPACE_MARKER), normalizers.Replace(" ", SPACE_MARKER)]
+    if specials:
+        # no dummy prefix in front of a special token at the very start (module docstring)
+        steps.append(normalizers.Replace(Regex(leading_special_pattern(specials)), ""))
     return normalizers.Sequence(steps)
+
+
+def leading_special_pattern(specials: tuple[str, ...]) -> str:
+    """The (Oniguruma) regex of a dummy prefix directly followed by one of ``specials``, at the start."""
+    alternatives = "|".join(re.escape(t.replace(" ", SPACE_MARKER)) for t in sorted(specials, key=len, reverse=True))
+    return f"\\A{SPACE_MARKER}(?={alternatives})"
 
 
 def build_hf_tokenizer(proto, specials: SpecialTokens, normalization: str):
@@ -121,7 +146,7 @@ def build_hf_tokenizer(proto, specials: SpecialTokens, normalization: str):
         if tok not in ids:
             raise ValueError(f"special token {tok!r} is not in the SentencePiece model")
     tokenizer = Tokenizer(models.Unigram(vocab, unk_id=ids[specials.unk], byte_fallback=True))
-    tokenizer.normalizer = build_normalizer(proto, normalization)
+    tokenizer.normalizer = build_normalizer(proto, normalization, tuple(specials.ordered))
     tokenizer.pre_tokenizer = None
     tokenizer.decoder = decoders.Sequence(
         [decoders.ByteFallback(), decoders.Replace(SPACE_MARKER, " "), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
@@ -132,9 +157,11 @@ def build_hf_tokenizer(proto, specials: SpecialTokens, normalization: str):
     tokenizer.post_processor = processors.TemplateProcessing(
         single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, ids[bos])]
     )
-    # The special tokens are matched in raw text so that chat templates can write them; encode with
+    # The special tokens are matched in text so that chat templates can write them; encode with
     # split_special_tokens=True (as FastEncoder does) to treat such literals in data as plain text.
-    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials.ordered])
+    # normalized=True: matched in the normalized text, so the text around them keeps exactly its
+    # spaces (module docstring, "Special tokens in text").
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=True) for t in specials.ordered])
     return tokenizer
 
 

@@ -10,6 +10,8 @@ import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2
 from tokenizers import Tokenizer
 
+from tanuki.tokenizer.convert import SPACE_MARKER
+
 #: report.json key that marks a directory written by tanuki's builder, whose tokenizer.model encodes
 #: exactly like its tokenizer.json
 BUILDER_MARK = "tanuki.tokenizer"
@@ -97,6 +99,14 @@ class FastEncoder:
         normal = [p.score for p in proto.pieces if p.type == 1]
         per_char = max(abs(min(normal)) + 10.0, 4 * abs(max(normal)) + 0.1)
         self._exact_chars = int(2**18 / per_char) - 2
+        # The Hugging Face normalizer gives a text that starts with a special-token literal no dummy
+        # prefix (tanuki.tokenizer.convert, "Special tokens in text"); such texts are encoded by the
+        # processor without one. Its normalized start tells (a tokenizer.json from before that rule
+        # always starts with the prefix, and so encodes every text with it, as it did then).
+        tok_file = os.path.join(self.path, "tokenizer.json")
+        self._normalizer = Tokenizer.from_file(tok_file).normalizer if os.path.isfile(tok_file) else None
+        specials = [p.piece for p in proto.pieces if p.type in (2, 3, 4)]  # unknown, control, user-defined
+        self._probe_chars = 4 * max(map(len, specials), default=0) + 8
 
     def _load_tokenizers(self) -> None:
         tok_file = os.path.join(self.path, "tokenizer.json")
@@ -141,15 +151,27 @@ class FastEncoder:
         if self.backend == "tokenizers":
             return [e.ids for e in self._tok.encode_batch_fast(texts, add_special_tokens=False)]
         limit = self._exact_chars
-        if not self._split_lines or not texts or max(map(len, texts)) <= limit:
+        lead = [self._starts_with_special(t) for t in texts]
+        if not any(lead) and (not self._split_lines or not texts or max(map(len, texts)) <= limit):
             return self._sp_first.encode(texts, out_type=int, num_threads=1)
-        out = self._sp_first.encode([t if len(t) <= limit else "" for t in texts], out_type=int, num_threads=1)
+        simple = [len(t) <= limit or not self._split_lines for t in texts]
+        out = self._sp_first.encode([t if ok and not sp else "" for t, ok, sp in zip(texts, simple, lead)],
+                                    out_type=int, num_threads=1)
         for i, text in enumerate(texts):
-            if len(text) > limit:
-                out[i] = self._encode_by_lines(text)
+            if not simple[i]:
+                out[i] = self._encode_by_lines(text, dummy_prefix=not lead[i])
+            elif lead[i]:
+                out[i] = self._sp_rest.encode(text, out_type=int)
         return out
 
-    def _encode_by_lines(self, text: str) -> list[int]:
+    def _starts_with_special(self, text: str) -> bool:
+        """Whether Hugging Face's normalizer gives ``text`` no dummy prefix (it starts with a special-token
+        literal)."""
+        if self._normalizer is None or not text:
+            return False
+        return not self._normalizer.normalize_str(text[:self._probe_chars]).startswith(SPACE_MARKER)
+
+    def _encode_by_lines(self, text: str, dummy_prefix: bool = True) -> list[int]:
         """A long document line by line, so that SentencePiece's float32 sums stay exact.
 
         No piece contains a newline, so every segmentation passes through each newline (a byte
@@ -159,7 +181,10 @@ class FastEncoder:
         """
         lines = text.split("\n")
         # The dummy-prefix space belongs before the first line even when that line is empty.
-        ids = self._sp_first.encode(lines[0], out_type=int) if lines[0] else self._sp_rest.encode(" ", out_type=int)
+        if not dummy_prefix:
+            ids = self._sp_rest.encode(lines[0], out_type=int)
+        else:
+            ids = self._sp_first.encode(lines[0], out_type=int) if lines[0] else self._sp_rest.encode(" ", out_type=int)
         rest = self._sp_rest.encode(lines[1:], out_type=int, num_threads=1)
         for line_ids in rest:
             ids.append(self._newline_id)

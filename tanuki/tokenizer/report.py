@@ -1,4 +1,5 @@
-"""Tokenizer quality report: compression per language, byte fallback, unknown tokens, vocabulary.
+"""Tokenizer quality report: compression per language, byte fallback, unknown tokens, characters the
+round trip loses, vocabulary.
 
 The same numbers are computed by the builder (``report.json`` in the output directory) and by
 ``launch/tokenizer_report.py`` for any Hugging Face tokenizer directory, so a tokenizer can be
@@ -11,6 +12,7 @@ import json
 import os
 import re
 import unicodedata
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional, Sequence
 
@@ -104,9 +106,11 @@ class _Counts:
     byte_tokens: int = 0
     layout_byte_tokens: int = 0
     unk_tokens: int = 0
+    lost_chars: int = 0
 
     def add(self, other: "_Counts") -> None:
-        for name in ("documents", "chars", "bytes", "tokens", "byte_tokens", "layout_byte_tokens", "unk_tokens"):
+        for name in ("documents", "chars", "bytes", "tokens", "byte_tokens", "layout_byte_tokens", "unk_tokens",
+                     "lost_chars"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
     def as_dict(self) -> dict:
@@ -122,7 +126,24 @@ class _Counts:
             "byte_fallback_share": round(self.byte_tokens / tokens, 6),
             "newline_tab_tokens": self.layout_byte_tokens,
             "unknown_tokens": self.unk_tokens,
+            "lost_characters": self.lost_chars,
         }
+
+
+def lost_characters(text: str, decoded: str) -> int:
+    """How many characters of ``text`` are missing from ``decoded`` (its ``decode(encode(text))``),
+    counted as a multiset difference after NFKC on both sides (so a tokenizer that normalizes loses
+    nothing by that alone).
+
+    The unknown-token count misses this: a converted tokenizer can drop what it cannot encode
+    without emitting an unknown id (transformers' conversion of a SentencePiece BPE without byte
+    fallback writes a BPE model with no unknown token, whose encoder skips such characters).
+    """
+    if text == decoded:
+        return 0
+    missing = Counter(unicodedata.normalize("NFKC", text))
+    missing.subtract(unicodedata.normalize("NFKC", decoded))
+    return sum(n for n in missing.values() if n > 0)
 
 
 @dataclass
@@ -132,7 +153,8 @@ class CompressionMeter:
     A newline is never inside a learned piece (SentencePiece trains on lines), so every newline is
     the byte token ``<0x0A>``; byte tokens of newline, tab and carriage return are therefore counted
     as ``newline_tab_tokens``, apart from ``byte_fallback_tokens``, the bytes of characters missing
-    from the vocabulary.
+    from the vocabulary. With the decoded texts, ``lost_characters`` counts what the round trip loses
+    (:func:`lost_characters`).
     """
 
     #: id -> byte value of the byte-fallback pieces <0x00>..<0xFF>
@@ -142,8 +164,9 @@ class CompressionMeter:
     per_language: dict = field(default_factory=dict)
     label_source: dict = field(default_factory=lambda: {"given": 0, "detected": 0})
 
-    def add(self, docs: Sequence[Document], ids: Sequence[Sequence[int]]) -> None:
-        for doc, toks in zip(docs, ids):
+    def add(self, docs: Sequence[Document], ids: Sequence[Sequence[int]],
+            decoded: Optional[Sequence[str]] = None) -> None:
+        for i, (doc, toks) in enumerate(zip(docs, ids)):
             lang = normalize_language(doc.lang)
             if lang is None:
                 lang = detect_language(doc.text)
@@ -163,6 +186,8 @@ class CompressionMeter:
                         c.byte_tokens += 1
             if self.unk_id >= 0:
                 c.unk_tokens += sum(1 for t in toks if t == self.unk_id)
+            if decoded is not None:
+                c.lost_chars += lost_characters(doc.text, decoded[i])
 
     def result(self) -> dict:
         total = _Counts()
@@ -182,22 +207,36 @@ def measure_compression(
     unk_id: int,
     batch_size: int = 512,
     on_batch: Optional[Callable[[int], None]] = None,
+    decode_batch: Optional[Callable[[list[list[int]]], list[str]]] = None,
 ) -> tuple[dict, dict]:
-    """(per-language compression, label sources) of ``documents`` encoded with ``encode_batch``."""
+    """(per-language compression, label sources) of ``documents`` encoded with ``encode_batch``; with
+    ``decode_batch`` also the characters each round trip loses."""
     meter = CompressionMeter(byte_ids=dict(byte_ids), unk_id=unk_id)
     batch: list[Document] = []
+
+    def flush() -> None:
+        ids = encode_batch([d.text for d in batch])
+        meter.add(batch, ids, decode_batch(ids) if decode_batch is not None else None)
+        if on_batch:
+            on_batch(sum(len(d.text.encode("utf-8")) for d in batch))
+
     for doc in documents:
         batch.append(doc)
         if len(batch) >= batch_size:
-            meter.add(batch, encode_batch([d.text for d in batch]))
-            if on_batch:
-                on_batch(sum(len(d.text.encode("utf-8")) for d in batch))
+            flush()
             batch = []
     if batch:
-        meter.add(batch, encode_batch([d.text for d in batch]))
-        if on_batch:
-            on_batch(sum(len(d.text.encode("utf-8")) for d in batch))
+        flush()
     return meter.result(), dict(meter.label_source)
+
+
+def hf_decoder(tokenizer_dir: str) -> Callable[[list[list[int]]], list[str]]:
+    """``decode_batch`` of the directory's ``tokenizer.json`` (what transformers decodes with), special
+    tokens skipped: an unknown token's text is not the character it replaced."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(os.path.join(tokenizer_dir, "tokenizer.json"))
+    return lambda ids: tok.decode_batch(ids, skip_special_tokens=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -311,7 +350,8 @@ def report_for_directory(
     surfaces = piece_surfaces(tokenizer_json)
     encoder = FastEncoder(tokenizer_dir)
     languages, sources = measure_compression(
-        documents, encoder.encode_batch, byte_piece_ids(surfaces), encoder.unk_id, on_batch=on_batch
+        documents, encoder.encode_batch, byte_piece_ids(surfaces), encoder.unk_id, on_batch=on_batch,
+        decode_batch=hf_decoder(tokenizer_dir),
     )
     if languages["all"]["documents"] == 0:
         raise ValueError("no documents to measure: the input is empty")
@@ -323,6 +363,7 @@ def report_for_directory(
         "languages": languages,
         "language_labels": sources,
         "unknown_tokens": languages["all"]["unknown_tokens"],
+        "lost_characters": languages["all"]["lost_characters"],
         "vocabulary": vocabulary_stats(surfaces),
     }
 
@@ -353,11 +394,11 @@ def format_summary(report: dict) -> str:
                 f"  {corpus['long_lines']:,} lines longer than {corpus['max_sentence_length']} bytes "
                 f"({corpus['long_line_bytes'] / 1e6:.2f} MB) were {corpus['long_lines_action']}"
             )
-    lines.append("  language      docs  chars/tok  bytes/tok  byte-fallback  unk")
+    lines.append("  language      docs  chars/tok  bytes/tok  byte-fallback  unk  lost chars")
     for lang, s in report["languages"].items():
         lines.append(
             f"  {lang:<8} {s['documents']:>8,}  {s['chars_per_token']:>9.3f}  {s['bytes_per_token']:>9.3f}"
-            f"  {100 * s['byte_fallback_share']:>12.3f}%  {s['unknown_tokens']}"
+            f"  {100 * s['byte_fallback_share']:>12.3f}%  {s['unknown_tokens']}  {s.get('lost_characters', '-')}"
         )
     v = report["vocabulary"]
     lines.append(
@@ -375,4 +416,7 @@ def format_summary(report: dict) -> str:
         )
     if report["unknown_tokens"]:
         lines.append(f"  WARNING: {report['unknown_tokens']} unknown tokens (expected 0 with byte fallback)")
+    if report.get("lost_characters"):
+        lines.append(f"  WARNING: decode(encode(text)) loses {report['lost_characters']:,} characters of the input "
+                     "(characters the tokenizer cannot encode, dropped or replaced)")
     return "\n".join(lines)
