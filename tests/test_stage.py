@@ -1,0 +1,66 @@
+"""Stage plumbing: one run per run directory (the ``.lock`` of :func:`tanuki.stage.lock_run_dir`)."""
+
+import fcntl
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import compose, tiny_train_overrides
+
+from tanuki.config import PretrainConfig, from_dict
+from tanuki.parallel.env import DistEnv
+from tanuki.stage import LOCK_FILE, RunDirLocked, lock_run_dir
+
+pytestmark = pytest.mark.distributed
+
+ENV = DistEnv(0, 1, 0, "single")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def process_group(single_process_group):
+    yield
+
+
+def test_a_second_run_on_a_locked_run_dir_fails_at_once_and_writes_nothing(tiny_corpus, tmp_path):
+    from tanuki import pretrain
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    # The oracle is the kernel's flock: another open file description holding it is another run.
+    with open(run_dir / LOCK_FILE, "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("pid 4242 on node7 since 2026-01-01 00:00:00\n")
+        held.flush()
+        cfg = from_dict(PretrainConfig, compose("pretrain", tiny_train_overrides(tiny_corpus, run_dir)))
+        with pytest.raises(RunDirLocked) as e:
+            pretrain.main(cfg, ENV)
+        assert str(run_dir) in str(e.value) and "pid 4242 on node7" in str(e.value)
+        assert sorted(p.name for p in run_dir.iterdir()) == [LOCK_FILE]
+    # released: the directory can be taken, and the holder is recorded in the file
+    with lock_run_dir(run_dir, ENV):
+        text = (run_dir / LOCK_FILE).read_text()
+        assert f"pid {os.getpid()} " in text
+        with pytest.raises(RunDirLocked, match=f"pid {os.getpid()} "):
+            with lock_run_dir(run_dir, ENV):
+                pass
+
+
+def test_a_killed_run_leaves_no_stale_lock(tmp_path):
+    run_dir = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom pathlib import Path\n"
+         "from tanuki.parallel.env import DistEnv\nfrom tanuki.stage import lock_run_dir\n"
+         f"with lock_run_dir(Path({str(run_dir)!r}), DistEnv(0, 1, 0, 'single')):\n"
+         "    print('locked', flush=True)\n    time.sleep(600)\n"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(RunDirLocked, match=f"pid {holder.pid} "):
+            with lock_run_dir(run_dir, ENV):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with lock_run_dir(run_dir, ENV):
+        pass
