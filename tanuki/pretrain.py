@@ -22,6 +22,8 @@ from tanuki.checkpoint import consolidate_checkpoint, plan_resume, resolve_check
 from tanuki.config import ConfigError, PretrainConfig, pad_vocab_size, to_dict
 from tanuki.data import DataLoader, build_pretrain_datasets
 from tanuki.data.blend import open_prefix
+from tanuki.data.indexed import token_id_range
+from tanuki.fileio import check_output_dir
 from tanuki.fused import kernel_summary
 from tanuki.hf import export_hf
 from tanuki.info import flops_per_token
@@ -61,9 +63,26 @@ def prepare(cfg: PretrainConfig, env: DistEnv) -> Prepared:
         )
     if not cfg.data.prefixes:
         raise ConfigError("data.prefixes", "is required: data.prefixes=[PREFIX,...] (from launch/preprocess.py)")
-    for i, prefix in enumerate(cfg.data.prefixes):
-        open_prefix(prefix, f"data.prefixes[{i}]")
+    for key, prefixes in (("data.prefixes", cfg.data.prefixes), ("data.valid_prefixes", cfg.data.valid_prefixes)):
+        for i, prefix in enumerate(prefixes):
+            open_prefix(prefix, f"{key}[{i}]")
+            check_token_ids(prefix, f"{key}[{i}]", vocab, cfg.tokenizer.path)
     return Prepared(cfg, vocab, plumbing.check_layout(cfg, env))
+
+
+def check_token_ids(prefix: str, key: str, vocab: int, tokenizer: str) -> None:
+    """Every token id of ``prefix`` is an id of the tokenizer (and so a row of the embedding): a dataset
+    encoded with another tokenizer would otherwise fail at the first forward with a bare IndexError,
+    or silently train on padding rows."""
+    lo, hi = token_id_range(prefix)
+    if lo < 0 or hi >= vocab:
+        bad = lo if lo < 0 else hi
+        raise ConfigError(
+            key,
+            f"the dataset '{prefix}' holds token id {bad}, but the tokenizer {tokenizer} has {vocab} ids "
+            f"(0..{vocab - 1}): it was encoded with another tokenizer; re-run launch/preprocess.py with "
+            f"tokenizer={tokenizer}, or give the tokenizer it was made with",
+        )
 
 
 def lm_step(model, batch: dict[str, torch.Tensor], *, z_loss: float, vocab_limit: int | None = None,
@@ -153,9 +172,12 @@ def run(prep: Prepared, env: DistEnv, run_dir: Path, print_fn: Callable[[str], N
 
 
 def export_checkpoint(checkpoint: str | Path, output: str | Path, *, dtype: str = "bfloat16",
-                      tokenizer: str | None = None, max_shard_size: str = "5GB", overwrite: bool = True) -> Path:
-    """Consolidate a checkpoint's ZeRO shards on CPU and write a Hugging Face directory."""
-    ckpt = resolve_checkpoint(checkpoint)
+                      tokenizer: str | None = None, max_shard_size: str = "5GB", overwrite: bool = True,
+                      log: Callable[[str], None] = print) -> Path:
+    """Consolidate a checkpoint's ZeRO shards on CPU and write a Hugging Face directory. ``log`` is told
+    when a run's newest checkpoint directories were passed over as incomplete."""
+    check_output_dir(output, overwrite)  # before the consolidation, which may take long
+    ckpt = resolve_checkpoint(checkpoint, note=log)
     model_cfg, sd = consolidate_checkpoint(ckpt)
     if tokenizer is None:
         run_tok = ckpt.parent.parent / "tokenizer"

@@ -34,6 +34,7 @@ from omegaconf import OmegaConf
 from tokenizers import Tokenizer
 
 from tanuki.config import ConfigError, ModelConfig, StageConfig
+from tanuki.fileio import umask_mode
 from tanuki.hf import HFFormatError, copy_tokenizer_files, model_config_from_hf, read_hf_config
 from tanuki.metrics import MetricsLogger
 from tanuki.parallel.env import DistEnv, init_distributed, resolve_run_dir
@@ -152,6 +153,7 @@ def write_run_files(config: dict, tokenizer_dir: str | None, run_dir: Path) -> N
     if tokenizer_dir and not (run_dir / "tokenizer").is_dir():
         tmp_tok = Path(tempfile.mkdtemp(prefix=".tokenizer.", dir=run_dir))
         try:
+            os.chmod(tmp_tok, umask_mode(0o777))  # mkdtemp's 0700 otherwise
             copy_tokenizer_files(tokenizer_dir, tmp_tok)
             tmp_tok.replace(run_dir / "tokenizer")
         except BaseException:
@@ -252,7 +254,7 @@ def main(cfg: StageConfig, env: DistEnv, *, name: str, prepare: Callable, run: C
     """The body of ``launch/<name>.py`` after Hydra: ``prepare`` (config and file errors surface here,
     before any process group), start the process group, lock the run directory, ``run`` in it."""
     prep = prepare(cfg, env)
-    init_distributed(env, "nccl" if torch.cuda.is_available() else "gloo")
+    init_distributed(env, "nccl" if torch.cuda.is_available() else "gloo", timeout_s=prep.cfg.parallel.timeout_s)
     run_dir = resolve_run_dir(prep.cfg.run.dir, name, env).resolve()
     with lock_run_dir(run_dir, env):
         print_fn = stdout_and_log(run_dir) if env.is_main else (lambda *a, **k: None)

@@ -64,3 +64,25 @@ def test_a_killed_run_leaves_no_stale_lock(tmp_path):
         holder.wait()
     with lock_run_dir(run_dir, ENV):
         pass
+
+
+def test_a_dataset_with_ids_beyond_the_tokenizer_fails_at_start_up_naming_prefix_and_tokenizer(tiny_corpus, tmp_path):
+    """Such a dataset was noticed only at the first forward, as a bare IndexError in the embedding."""
+    import numpy as np
+
+    from tanuki import pretrain
+    from tanuki.config import ConfigError
+    from tanuki.data.indexed import IndexedDatasetWriter
+
+    prefix = tmp_path / "other"
+    w = IndexedDatasetWriter(f"{prefix}.bin", f"{prefix}.idx", np.uint16)
+    w.add_document(np.array([5, 1279, 1280, 40000]))  # 1280 ids: 0..1279; made by a 50k tokenizer
+    w.finish()
+    for key in ("data.prefixes", "data.valid_prefixes"):
+        over = (f"data.prefixes=[{tiny_corpus['prefix']},{prefix}]" if key == "data.prefixes" else
+                f"data.valid_prefixes=[{prefix}]")
+        cfg = from_dict(PretrainConfig, compose("pretrain", tiny_train_overrides(tiny_corpus, tmp_path / "run", over)))
+        with pytest.raises(ConfigError, match=rf"{key}\[\d\].*'{prefix}' holds token id 40000.*"
+                                               rf"{tiny_corpus['tokenizer']} has 1280 ids"):
+            pretrain.prepare(cfg, ENV)
+    assert not (tmp_path / "run").exists()
