@@ -151,6 +151,10 @@ def run(prep: Prepared, env: DistEnv, run_dir: Path, print_fn: Callable[[str], N
     on_finish = None
     if cfg.export.hf:
         out_dir = Path(cfg.export.dir) if cfg.export.dir else run_dir / "hf"
+        try:  # checked now, not after training: the export replaces only an earlier export
+            check_output_dir(out_dir, overwrite=True)
+        except FileExistsError as e:
+            raise ConfigError("export.dir", str(e)) from None
 
         def on_finish(checkpoint: Path) -> None:
             written = export_checkpoint(checkpoint, out_dir, dtype=cfg.export.dtype, tokenizer=str(run_dir / "tokenizer"))

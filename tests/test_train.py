@@ -445,3 +445,13 @@ def test_zero3_built_partitioned_on_two_ranks_equals_one_process(tiny_corpus, tm
     assert two.keys() == ref.keys()
     for k in ref:
         torch.testing.assert_close(two[k], ref[k], rtol=1e-4, atol=3e-5, msg=k)
+
+
+def test_an_export_dir_that_is_not_a_model_export_is_refused_before_training(tiny_corpus, tmp_path):
+    data = tmp_path / "my-data"
+    data.mkdir()
+    (data / "notes.txt").write_text("keep me")
+    with pytest.raises(ConfigError, match=f"export.dir.*{data} is not empty and is not a model export"):
+        train(tiny_corpus, tmp_path / "run", "export.hf=true", f"export.dir={data}")
+    assert (data / "notes.txt").read_text() == "keep me"
+    assert not (tmp_path / "run" / "checkpoints").exists()
