@@ -235,11 +235,22 @@ def lock_run_dir(run_dir: Path, env: DistEnv) -> Iterator[None]:
     with every rank, so all of them stop with :class:`RunDirLocked` naming the directory and the holder
     when another run has it. Without the lock a second run would "resume" from the first one's
     checkpoints and both would write the same steps."""
-    fd, holder = _try_lock(run_dir) if env.is_main else (None, "")
+    fd, holder, failure = None, "", None
+    if env.is_main:
+        try:
+            fd, holder = _try_lock(run_dir)
+        except OSError as e:  # e.g. a run dir that cannot be created: tell the other ranks too
+            failure = e
     if env.world_size > 1 and dist.is_initialized():
-        shared = [holder]
-        dist.broadcast_object_list(shared, src=0)
+        shared = [holder, None if failure is None else str(failure)]
+        # under NCCL the objects travel through this rank's GPU (start_stage has not set it yet)
+        device = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else None
+        dist.broadcast_object_list(shared, src=0, device=device)
         holder = shared[0]
+        if shared[1] is not None and failure is None:
+            raise RunDirLocked(f"rank 0 could not lock {run_dir}: {shared[1]}")
+    if failure is not None:
+        raise failure
     if holder:
         raise RunDirLocked(f"{run_dir} is in use by another run ({holder}); wait for it to end, stop it, "
                            "or give this run another run.dir")

@@ -86,3 +86,28 @@ def test_a_dataset_with_ids_beyond_the_tokenizer_fails_at_start_up_naming_prefix
                                                rf"{tiny_corpus['tokenizer']} has 1280 ids"):
             pretrain.prepare(cfg, ENV)
     assert not (tmp_path / "run").exists()
+
+
+def lock_on_rank(rank, world, run_dir):
+    from pathlib import Path
+
+    try:
+        with lock_run_dir(Path(run_dir), DistEnv(rank, world, rank, "torchrun/deepspeed")):
+            return "ran"
+    except RunDirLocked as e:
+        return str(e)
+
+
+def test_every_rank_stops_when_rank_0_finds_the_run_dir_locked(tmp_path):
+    """Only rank 0 takes the lock; the others learn the outcome from it, so no rank trains alone."""
+    from dist_helpers import run_ranks
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    with open(run_dir / LOCK_FILE, "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("pid 4242 on node7 since then\n")
+        held.flush()
+        results = run_ranks(lock_on_rank, 2, str(run_dir))
+    assert all("in use by another run (pid 4242 on node7" in r for r in results), results
+    assert run_ranks(lock_on_rank, 2, str(run_dir)) == ["ran", "ran"]
