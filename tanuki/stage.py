@@ -34,7 +34,7 @@ from omegaconf import OmegaConf
 from tokenizers import Tokenizer
 
 from tanuki.config import ConfigError, ModelConfig, StageConfig
-from tanuki.fileio import umask_mode
+from tanuki.fileio import umask_mode, write_error
 from tanuki.hf import HFFormatError, copy_tokenizer_files, model_config_from_hf, read_hf_config
 from tanuki.metrics import MetricsLogger
 from tanuki.parallel.env import DistEnv, init_distributed, resolve_run_dir
@@ -239,8 +239,8 @@ def lock_run_dir(run_dir: Path, env: DistEnv) -> Iterator[None]:
     if env.is_main:
         try:
             fd, holder = _try_lock(run_dir)
-        except OSError as e:  # e.g. a run dir that cannot be created: tell the other ranks too
-            failure = e
+        except OSError as e:  # e.g. a read-only run dir: tell the other ranks too
+            failure = write_error(f"the run directory {run_dir}", e)
     if env.world_size > 1 and dist.is_initialized():
         shared = [holder, None if failure is None else str(failure)]
         # under NCCL the objects travel through this rank's GPU (start_stage has not set it yet)

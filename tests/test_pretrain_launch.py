@@ -137,6 +137,29 @@ def test_export_cli_on_a_run_dir(single, tmp_path):
     assert (tmp_path / "hf/tokenizer.json").is_file() and (tmp_path / "hf/tokenizer_config.json").is_file()
 
 
+CRAFT = """
+import builtins, sys, torch
+class Payload:
+    def __reduce__(self):
+        return builtins.open, (sys.argv[2], "w")
+torch.save({"optimizer_state_dict": Payload()}, sys.argv[1])
+"""
+
+
+def test_export_cli_refuses_a_crafted_checkpoint_file_in_one_line(single, tmp_path):
+    import shutil
+
+    run_dir = shutil.copytree(single, tmp_path / "run")
+    bad = run_dir / "checkpoints/step_00000006/zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    subprocess.run([sys.executable, "-c", CRAFT, str(bad), str(tmp_path / "marker")], check=True)
+    proc = launch([sys.executable, "launch/export_hf.py", f"checkpoint={run_dir}", f"output={tmp_path}/hf"], tmp_path,
+                  check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert f"error: {bad}: refused to load" in proc.stderr
+    assert f"previous complete checkpoint is {run_dir / 'checkpoints/step_00000004'}" in proc.stderr
+    assert not (tmp_path / "marker").exists() and not (tmp_path / "hf").exists()
+
+
 @pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
 def test_sigkill_of_one_rank_ends_every_rank_then_resume_continues(tiny_corpus, single, tmp_path, launcher):
     """A rank killed mid-run (OOM killer, a lost node): every other rank ends within 60 s, the launcher

@@ -111,3 +111,18 @@ def test_every_rank_stops_when_rank_0_finds_the_run_dir_locked(tmp_path):
         results = run_ranks(lock_on_rank, 2, str(run_dir))
     assert all("in use by another run (pid 4242 on node7" in r for r in results), results
     assert run_ranks(lock_on_rank, 2, str(run_dir)) == ["ran", "ran"]
+
+
+def test_a_run_dir_that_cannot_be_written_is_named_before_anything_runs(tmp_path, monkeypatch):
+    import errno
+
+    from tanuki import stage
+    from tanuki.fileio import WriteError
+
+    def read_only(*args, **kwargs):  # what a read-only mount gives (chmod does not stop root)
+        raise OSError(errno.EROFS, "Read-only file system", str(tmp_path / "run" / LOCK_FILE))
+
+    monkeypatch.setattr(stage.os, "open", read_only)
+    with pytest.raises(WriteError, match=rf"the run directory {tmp_path / 'run'} failed .*read-only \(EROFS\)"):
+        with lock_run_dir(tmp_path / "run", ENV):
+            pytest.fail("ran")
