@@ -26,16 +26,18 @@ from tanuki.checkpoint import (
 )
 from tanuki.cli import user_errors
 from tanuki.config import ExportHFConfig, from_dict
+from tanuki.fileio import WriteError, check_output_dir
 from tanuki.hf import HFFormatError, export_hf
 
 
 @hydra.main(config_path="../conf", config_name="export_hf", version_base=None)
-@user_errors(FileNotFoundError, FileExistsError, HFFormatError, CheckpointError, ValueError)
+@user_errors(FileNotFoundError, FileExistsError, HFFormatError, CheckpointError, ValueError, WriteError)
 def main(dcfg: DictConfig) -> None:
     cfg = from_dict(ExportHFConfig, dcfg)
     tokenizer = cfg.tokenizer
+    check_output_dir(cfg.output, cfg.overwrite)  # before the consolidation, which may take long
     if Path(cfg.checkpoint).is_dir():
-        ckpt = resolve_checkpoint(cfg.checkpoint)
+        ckpt = resolve_checkpoint(cfg.checkpoint, note=print)
         model_cfg, state_dict = consolidate_checkpoint(ckpt)
         run_tokenizer = ckpt.parent.parent / "tokenizer"
         if tokenizer is None and run_tokenizer.is_dir():

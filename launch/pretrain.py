@@ -31,11 +31,13 @@ from omegaconf import DictConfig  # noqa: E402
 from tanuki import pretrain  # noqa: E402
 from tanuki.checkpoint import CheckpointError  # noqa: E402
 from tanuki.cli import user_errors  # noqa: E402
+from tanuki.fileio import WriteError  # noqa: E402
+from tanuki.stage import RunDirLocked  # noqa: E402
 from tanuki.config import PretrainConfig, from_dict  # noqa: E402
 
 
 @hydra.main(config_path="../conf", config_name="pretrain", version_base=None)
-@user_errors(FileNotFoundError, CheckpointError)
+@user_errors(FileNotFoundError, CheckpointError, RunDirLocked, WriteError)
 def main(dcfg: DictConfig) -> None:
     pretrain.main(from_dict(PretrainConfig, dcfg), dist_env())
 

@@ -27,12 +27,14 @@ from omegaconf import DictConfig  # noqa: E402
 from tanuki import sft  # noqa: E402
 from tanuki.checkpoint import CheckpointError  # noqa: E402
 from tanuki.cli import user_errors  # noqa: E402
+from tanuki.fileio import WriteError  # noqa: E402
+from tanuki.stage import RunDirLocked  # noqa: E402
 from tanuki.config import from_dict  # noqa: E402
 from tanuki.data.records import SFTDataError  # noqa: E402
 
 
 @hydra.main(config_path="../conf", config_name="sft", version_base=None)
-@user_errors(FileNotFoundError, CheckpointError, SFTDataError)
+@user_errors(FileNotFoundError, CheckpointError, SFTDataError, RunDirLocked, WriteError)
 def main(dcfg: DictConfig) -> None:
     sft.main(from_dict(sft.SFTConfig, dcfg), dist_env())
 

@@ -33,7 +33,7 @@ from tanuki.model import Transformer, build_model
 from tanuki.losses import VocabParallel
 from tanuki.parallel.groups import ProcessGroups
 from tanuki.parallel.tensor_parallel import apply_tensor_parallel, universal_checkpoint_info, vocab_parallel_slice
-from tanuki.parallel.zero import deepspeed_config
+from tanuki.parallel.zero import deepspeed_config, safe_checkpoint_engine
 
 
 @dataclass
@@ -135,5 +135,6 @@ def build_frozen_engine(model: TrainingModel, train: TrainConfig, parallel: Para
     config.pop("gradient_clipping", None)
     engine, *_ = deepspeed.initialize(model=model.module, config=config, mpu=groups if groups.tp > 1 else None,
                                       dist_init_required=False)
+    safe_checkpoint_engine(engine)
     engine.eval()
     return engine

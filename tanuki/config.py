@@ -430,9 +430,14 @@ class ParallelConfig:
     tp: int = 1
     sp: bool = False
     zero_stage: Literal[0, 1, 2, 3] = 3
+    #: seconds a collective may wait for the other ranks before the process group gives up (a rank
+    #: that died or hangs): every rank then ends with an error instead of waiting forever. Must cover
+    #: the longest wait of a healthy run (rank 0 converting a checkpoint for a reshard, a slow save).
+    timeout_s: float = 1800.0
 
     def __post_init__(self) -> None:
         require(self.tp >= 1, "parallel.tp", "must be >= 1")
+        require(self.timeout_s > 0, "parallel.timeout_s", f"must be positive, got {self.timeout_s}")
         require(not self.sp or self.tp > 1, "parallel.sp", "sequence parallelism needs parallel.tp > 1")
 
 

@@ -57,10 +57,9 @@ from typing import Mapping, Optional
 import safetensors.torch  # save_file is looked up when called: tests replace it to interrupt a write
 import torch
 from huggingface_hub import split_torch_state_dict_into_shards
-from safetensors import safe_open
 
 from tanuki.config import ModelConfig, pad_vocab_size
-from tanuki.fileio import read_json, read_safetensors, replacing_dir
+from tanuki.fileio import check_output_dir, is_model_dir, open_safetensors, read_json, read_safetensors, replacing_dir
 from tanuki.model import Rotary, Transformer
 
 #: tanuki parameter name -> HF LlamaForCausalLM name. ``{i}`` is the layer index.
@@ -595,7 +594,9 @@ def export_hf(
 
     The directory is assembled under a temporary name beside ``output_dir`` and renamed into place
     only when every file is written, so an interrupted export never leaves a loadable-looking
-    directory. Special-token ids default to the tokenizer's when ``tokenizer_dir`` is given.
+    directory. ``overwrite`` replaces an earlier export only: any other non-empty directory is refused
+    (:func:`~tanuki.fileio.is_model_dir`). Special-token ids default to the tokenizer's when
+    ``tokenizer_dir`` is given.
 
     ``vocab`` (with ``tokenizer_dir``; module docstring, "Vocabulary rows"): ``trim`` writes the
     embedding and head cut to the tokenizer's ids, ``padded`` the model's rows with those beyond the
@@ -604,9 +605,7 @@ def export_hf(
     if vocab not in VOCAB_MODES:
         raise ValueError(f"vocab={vocab!r}: expected one of {VOCAB_MODES}")
     output_dir = Path(output_dir)
-    if output_dir.exists():
-        if not overwrite and any(output_dir.iterdir()):
-            raise FileExistsError(f"{output_dir} exists and is not empty (pass overwrite=True to replace it)")
+    check_output_dir(output_dir, overwrite)
 
     expected = expected_shapes(cfg)
     missing = sorted(set(expected) - set(state_dict))
@@ -633,7 +632,7 @@ def export_hf(
         raise ValueError("model.tie_embeddings=true but head.weight differs from embed.weight")
     hf_sd = to_hf_state_dict(state_dict, dtype, tied=cfg.tie_embeddings)
     saved_dtype = dtype or next(iter(hf_sd.values())).dtype
-    with replacing_dir(output_dir) as tmp:
+    with replacing_dir(output_dir, replaceable=is_model_dir) as tmp:
         split = split_torch_state_dict_into_shards(hf_sd, max_shard_size=max_shard_size)
         for filename, names in split.filename_to_tensors.items():
             safetensors.torch.save_file({n: hf_sd[n] for n in names}, tmp / filename, metadata={"format": "pt"})
@@ -753,7 +752,7 @@ def load_hf(path: str | os.PathLike, dtype: Optional[torch.dtype] = None,
     tied = bool(hf_config.get("tie_word_embeddings", False))
     sd: dict[str, torch.Tensor] = {}
     for f in weight_files(path):
-        with safe_open(str(f), framework="pt") as fh:
+        with open_safetensors(f, HFFormatError) as fh:
             for hf_name in fh.keys():
                 if hf_name.endswith("rotary_emb.inv_freq"):
                     continue
@@ -798,7 +797,7 @@ def read_hf_tensors(path: str | os.PathLike, names, dtype: Optional[torch.dtype]
     wanted = {to_hf_name(n): n for n in names}
     out: dict[str, torch.Tensor] = {}
     for f in weight_files(path):
-        with safe_open(str(f), framework="pt") as fh:
+        with open_safetensors(f, HFFormatError) as fh:
             for hf_name in set(fh.keys()) & set(wanted):
                 t = fh.get_tensor(hf_name)
                 out[wanted[hf_name]] = t.to(dtype) if dtype is not None else t
@@ -889,10 +888,9 @@ def write_peft_adapter(
     ``output_dir`` is replaced only with ``overwrite=True``.
     """
     output_dir = Path(output_dir)
-    if output_dir.exists() and not overwrite and any(output_dir.iterdir()):
-        raise FileExistsError(f"{output_dir} exists and is not empty (pass overwrite=True to replace it)")
+    check_output_dir(output_dir, overwrite)
     peft_sd = {to_peft_name(name): t.detach().contiguous().cpu() for name, t in tensors.items()}
-    with replacing_dir(output_dir) as tmp:
+    with replacing_dir(output_dir, replaceable=is_model_dir) as tmp:
         safetensors.torch.save_file(peft_sd, tmp / PEFT_WEIGHTS_FILE, metadata={"format": "pt"})
         (tmp / PEFT_CONFIG_FILE).write_text(json.dumps(dict(adapter_config), indent=2) + "\n")
     return output_dir

@@ -22,6 +22,8 @@ from tanuki.checkpoint import consolidate_checkpoint, plan_resume, resolve_check
 from tanuki.config import ConfigError, PretrainConfig, pad_vocab_size, to_dict
 from tanuki.data import DataLoader, build_pretrain_datasets
 from tanuki.data.blend import open_prefix
+from tanuki.data.indexed import token_id_range
+from tanuki.fileio import check_output_dir
 from tanuki.fused import kernel_summary
 from tanuki.hf import export_hf, training_vocab_size
 from tanuki.info import flops_per_token
@@ -63,9 +65,26 @@ def prepare(cfg: PretrainConfig, env: DistEnv) -> Prepared:
         )
     if not cfg.data.prefixes:
         raise ConfigError("data.prefixes", "is required: data.prefixes=[PREFIX,...] (from launch/preprocess.py)")
-    for i, prefix in enumerate(cfg.data.prefixes):
-        open_prefix(prefix, f"data.prefixes[{i}]")
+    for key, prefixes in (("data.prefixes", cfg.data.prefixes), ("data.valid_prefixes", cfg.data.valid_prefixes)):
+        for i, prefix in enumerate(prefixes):
+            open_prefix(prefix, f"{key}[{i}]")
+            check_token_ids(prefix, f"{key}[{i}]", vocab, cfg.tokenizer.path)
     return Prepared(cfg, vocab, plumbing.check_layout(cfg, env))
+
+
+def check_token_ids(prefix: str, key: str, vocab: int, tokenizer: str) -> None:
+    """Every token id of ``prefix`` is an id of the tokenizer (and so a row of the embedding): a dataset
+    encoded with another tokenizer would otherwise fail at the first forward with a bare IndexError,
+    or silently train on padding rows."""
+    lo, hi = token_id_range(prefix)
+    if lo < 0 or hi >= vocab:
+        bad = lo if lo < 0 else hi
+        raise ConfigError(
+            key,
+            f"the dataset '{prefix}' holds token id {bad}, but the tokenizer {tokenizer} has {vocab} ids "
+            f"(0..{vocab - 1}): it was encoded with another tokenizer; re-run launch/preprocess.py with "
+            f"tokenizer={tokenizer}, or give the tokenizer it was made with",
+        )
 
 
 def lm_step(model, batch: dict[str, torch.Tensor], *, z_loss: float, vocab_limit: int | None = None,
@@ -134,6 +153,10 @@ def run(prep: Prepared, env: DistEnv, run_dir: Path, print_fn: Callable[[str], N
     on_finish = None
     if cfg.export.hf:
         out_dir = Path(cfg.export.dir) if cfg.export.dir else run_dir / "hf"
+        try:  # checked now, not after training: the export replaces only an earlier export
+            check_output_dir(out_dir, overwrite=True)
+        except FileExistsError as e:
+            raise ConfigError("export.dir", str(e)) from None
 
         def on_finish(checkpoint: Path) -> None:
             written = export_checkpoint(checkpoint, out_dir, dtype=cfg.export.dtype, tokenizer=str(run_dir / "tokenizer"),
@@ -157,10 +180,12 @@ def run(prep: Prepared, env: DistEnv, run_dir: Path, print_fn: Callable[[str], N
 
 def export_checkpoint(checkpoint: str | Path, output: str | Path, *, dtype: str = "bfloat16",
                       tokenizer: str | None = None, max_shard_size: str = "5GB", overwrite: bool = True,
-                      vocab: str = "trim") -> Path:
+                      vocab: str = "trim", log: Callable[[str], None] = print) -> Path:
     """Consolidate a checkpoint's ZeRO shards on CPU and write a Hugging Face directory (``vocab``: see
-    :func:`tanuki.hf.export_hf`)."""
-    ckpt = resolve_checkpoint(checkpoint)
+    :func:`tanuki.hf.export_hf`). ``log`` is told when a run's newest checkpoint directories were passed
+    over as incomplete."""
+    check_output_dir(output, overwrite)  # before the consolidation, which may take long
+    ckpt = resolve_checkpoint(checkpoint, note=log)
     model_cfg, sd = consolidate_checkpoint(ckpt)
     if tokenizer is None:
         run_tok = ckpt.parent.parent / "tokenizer"

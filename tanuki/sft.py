@@ -25,6 +25,7 @@ from tanuki.checkpoint import consolidate_checkpoint, plan_resume
 from tanuki.config import ConfigError, ModelConfig, StageConfig, TrainConfig, to_dict
 from tanuki.data.sft import SFTDataConfig, SFTDataLoader, build_sft_datasets, exact_match, read_eval_prompts
 from tanuki.generate import generate
+from tanuki.fileio import check_output_dir
 from tanuki.hf import export_hf, import_hf, read_hf_config, training_vocab_size, trim_vocab_rows
 from tanuki.info import flops_per_token
 from tanuki.lisa import LisaConfig, LisaScheduler
@@ -172,6 +173,11 @@ def export_hook(cfg: StageConfig, template: ChatTemplate, run_dir: Path,
     if not (cfg.export.hf or (cfg.method == "lora" and cfg.export.adapter)):
         return None
     out_dir = Path(cfg.export.dir) if cfg.export.dir else run_dir / "hf"
+    # Checked now, not after training: the export replaces only an earlier export.
+    try:
+        check_output_dir(out_dir, overwrite=True)
+    except FileExistsError as e:
+        raise ConfigError("export.dir", str(e)) from None
 
     def on_finish(checkpoint: Path) -> None:
         for p in export_fine_tuned(checkpoint, init=cfg.init, method=cfg.method, lora=cfg.lora, export=cfg.export,

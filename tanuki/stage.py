@@ -9,23 +9,32 @@ A stage module keeps what is its own (its config, data, step function and export
   precision), :func:`~tanuki.checkpoint.plan_resume`, :func:`~tanuki.build.build_training_model`,
   :func:`open_run` (rank 0's run files, metrics logger and summary line), then
   :func:`~tanuki.train.train_and_close`;
-* :func:`main`: the body of ``launch/<stage>.py`` after Hydra.
+* :func:`main`: the body of ``launch/<stage>.py`` after Hydra; it holds :func:`lock_run_dir` (one
+  run per run directory) for the run's life.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
+import os
 import shutil
+import socket
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from omegaconf import OmegaConf
 from tokenizers import Tokenizer
 
 from tanuki.config import ConfigError, ModelConfig, StageConfig, check_sliding_window
+from tanuki.fileio import umask_mode, write_error
 from tanuki.hf import HFFormatError, copy_tokenizer_files, model_config_from_hf, read_hf_config
 from tanuki.metrics import MetricsLogger
 from tanuki.parallel.env import DistEnv, init_distributed, resolve_run_dir
@@ -145,6 +154,7 @@ def write_run_files(config: dict, tokenizer_dir: str | None, run_dir: Path) -> N
     if tokenizer_dir and not (run_dir / "tokenizer").is_dir():
         tmp_tok = Path(tempfile.mkdtemp(prefix=".tokenizer.", dir=run_dir))
         try:
+            os.chmod(tmp_tok, umask_mode(0o777))  # mkdtemp's 0700 otherwise
             copy_tokenizer_files(tokenizer_dir, tmp_tok)
             tmp_tok.replace(run_dir / "tokenizer")
         except BaseException:
@@ -190,15 +200,78 @@ def stdout_and_log(run_dir: Path) -> Callable[[str], None]:
     return emit
 
 
+LOCK_FILE = ".lock"
+
+
+class RunDirLocked(RuntimeError):
+    """Another live run holds the run directory (its ``.lock``)."""
+
+
+def _try_lock(run_dir: Path) -> tuple[int | None, str]:
+    """(Rank 0) ``flock`` ``<run_dir>/.lock`` without waiting: ``(fd, "")`` holding it, with this
+    process written in it, or ``(None, holder)`` when another process holds it."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+            os.close(fd)
+            raise
+        holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "an unknown process"
+        os.close(fd)
+        return None, holder
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n"
+              .encode(), 0)
+    return fd, ""
+
+
+@contextlib.contextmanager
+def lock_run_dir(run_dir: Path, env: DistEnv) -> Iterator[None]:
+    """Hold ``<run_dir>/.lock`` for the block: one run per run directory.
+
+    Rank 0 takes an exclusive ``flock`` (the kernel drops it when the process dies, so a killed run
+    leaves no stale lock) and writes its pid, host and start time in the file; the outcome is shared
+    with every rank, so all of them stop with :class:`RunDirLocked` naming the directory and the holder
+    when another run has it. Without the lock a second run would "resume" from the first one's
+    checkpoints and both would write the same steps."""
+    fd, holder, failure = None, "", None
+    if env.is_main:
+        try:
+            fd, holder = _try_lock(run_dir)
+        except OSError as e:  # e.g. a read-only run dir: tell the other ranks too
+            failure = write_error(f"the run directory {run_dir}", e)
+    if env.world_size > 1 and dist.is_initialized():
+        shared = [holder, None if failure is None else str(failure)]
+        # under NCCL the objects travel through this rank's GPU (start_stage has not set it yet)
+        device = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else None
+        dist.broadcast_object_list(shared, src=0, device=device)
+        holder = shared[0]
+        if shared[1] is not None and failure is None:
+            raise RunDirLocked(f"rank 0 could not lock {run_dir}: {shared[1]}")
+    if failure is not None:
+        raise failure
+    if holder:
+        raise RunDirLocked(f"{run_dir} is in use by another run ({holder}); wait for it to end, stop it, "
+                           "or give this run another run.dir")
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)  # releases the flock; the file stays (a later run reuses it)
+
+
 def main(cfg: StageConfig, env: DistEnv, *, name: str, prepare: Callable, run: Callable) -> int:
     """The body of ``launch/<name>.py`` after Hydra: ``prepare`` (config and file errors surface here,
-    before any process group), start the process group, ``run`` in the run directory."""
+    before any process group), start the process group, lock the run directory, ``run`` in it."""
     prep = prepare(cfg, env)
-    init_distributed(env, "nccl" if torch.cuda.is_available() else "gloo")
+    init_distributed(env, "nccl" if torch.cuda.is_available() else "gloo", timeout_s=prep.cfg.parallel.timeout_s)
     run_dir = resolve_run_dir(prep.cfg.run.dir, name, env).resolve()
-    print_fn = stdout_and_log(run_dir) if env.is_main else (lambda *a, **k: None)
-    result = run(prep, env, run_dir, print_fn=print_fn)
-    if env.is_main:
-        print_fn(f"done: step {result.step}, last checkpoint {result.last_checkpoint}")
+    with lock_run_dir(run_dir, env):
+        print_fn = stdout_and_log(run_dir) if env.is_main else (lambda *a, **k: None)
+        result = run(prep, env, run_dir, print_fn=print_fn)
+        if env.is_main:
+            print_fn(f"done: step {result.step}, last checkpoint {result.last_checkpoint}")
     sys.stdout.flush()
     return 0

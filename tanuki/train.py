@@ -18,6 +18,7 @@ interrupted and resumed run reproduces the uninterrupted run's losses bit for bi
 from __future__ import annotations
 
 import math
+import os
 import signal
 import time
 from collections.abc import Callable, Iterable
@@ -34,12 +35,14 @@ from tanuki.checkpoint import (
     CheckpointError,
     ResumePlan,
     latest_checkpoint,
+    load_rng_state,
     rng_file,
     save_checkpoint,
     set_rng_state,
 )
 from tanuki.config import StageConfig
 from tanuki.evaluate import evaluate_checkpoint
+from tanuki.fileio import safe_torch_loads
 from tanuki.metrics import MetricsLogger, format_duration, read_metrics
 from tanuki.optim import Schedule, lr_at
 from tanuki.parallel.env import DistEnv, all_reduce, barrier
@@ -96,20 +99,34 @@ class TrainResult:
 
 
 class _StopRequest:
-    """SIGTERM / SIGUSR1 (SLURM's warning before a time limit or preemption): finish the step,
-    write a checkpoint, exit. The flag is all-reduced so that every rank stops at the same step."""
+    """SIGTERM / SIGUSR1 (SLURM's warning before a time limit or preemption) and a first SIGINT
+    (Ctrl-C): finish the step, write a checkpoint, exit. The flag is all-reduced so that every rank
+    stops at the same step. A second SIGINT aborts at once (``KeyboardInterrupt``, no checkpoint)."""
 
-    def __init__(self):
+    def __init__(self, announce: bool = True):
         self.requested = False
+        self._announce = announce
+        self._interrupts = 0
         self._previous = {}
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig, handler in ((signal.SIGTERM, self._handle), (signal.SIGUSR1, self._handle),
+                             (signal.SIGINT, self._interrupt)):
             try:
-                self._previous[sig] = signal.signal(sig, self._handle)
+                self._previous[sig] = signal.signal(sig, handler)
             except ValueError:  # not the main thread (e.g. inside some test runners)
                 pass
 
     def _handle(self, signum, frame):
         self.requested = True
+
+    def _interrupt(self, signum, frame):
+        self._interrupts += 1
+        if self._interrupts > 1:
+            raise KeyboardInterrupt
+        self.requested = True
+        if self._announce:
+            # os.write, not print: a handler that prints while the loop prints would re-enter the buffer.
+            os.write(2, b"interrupted (Ctrl-C): finishing this step, writing a checkpoint and exiting; "
+                        b"press Ctrl-C again to abort at once without one\n")
 
     def restore(self):
         for sig, handler in self._previous.items():
@@ -189,9 +206,12 @@ def load_resume(plan: ResumePlan, stage: Stage, env: DistEnv, run_dir: Path, *, 
     if plan.universal:
         # Written on another TP/DP shape: load DeepSpeed's universal form of it (made once, by rank 0).
         load_from = ensure_universal(plan.checkpoint, env.is_main, engine.device)
-    load_path, _ = engine.load_checkpoint(
-        str(load_from.parent), tag=load_from.name, load_optimizer_states=True, load_lr_scheduler_states=False
-    )
+    # The engine's checkpoint engine reads with weights_only=True (tanuki.parallel.zero); the context
+    # also covers DeepSpeed's direct torch.load calls (the universal checkpoint readers).
+    with safe_torch_loads():
+        load_path, _ = engine.load_checkpoint(
+            str(load_from.parent), tag=load_from.name, load_optimizer_states=True, load_lr_scheduler_states=False
+        )
     if load_path is None:
         raise CheckpointError(f"{plan.checkpoint}: DeepSpeed found no model states to load")
     if plan.universal:
@@ -200,13 +220,14 @@ def load_resume(plan: ResumePlan, stage: Stage, env: DistEnv, run_dir: Path, *, 
     stage.train_loader.load_state_dict(state["loader"])
     rng_path = plan.checkpoint / rng_file(env.rank)
     if state["world_size"] == env.world_size and rng_path.is_file():
-        set_rng_state(torch.load(rng_path, weights_only=False))
+        set_rng_state(load_rng_state(rng_path))
     if logger is not None and (run_dir / "metrics.jsonl").is_file():
         logger.replay([r for r in read_metrics(run_dir / "metrics.jsonl") if r["step"] <= state["step"]])
     tp, world = topology(state)
     resharded = f", resharded from tp={tp} on {world} ranks" if plan.universal else ""
     return (f"resumed from {plan.checkpoint} at step {state['step']} "
-            f"({stage.train_loader.state_dict()['consumed_samples']:,} samples consumed{resharded})")
+            f"({stage.train_loader.state_dict()['consumed_samples']:,} samples consumed{resharded})"
+            + (f"; note: {plan.note}" if plan.note else ""))
 
 
 def train(
@@ -247,7 +268,7 @@ def train(
                 "zero_stage": cfg.parallel.zero_stage, "config": stage.config, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
 
     # -- train ------------------------------------------------------------------------------------
-    stop = _StopRequest()
+    stop = _StopRequest(announce=env.is_main)
     batches = iter(stage.train_loader)
     last_ckpt = latest_checkpoint(ckpt_root)
     history: list[dict] = []

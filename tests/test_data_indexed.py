@@ -174,3 +174,44 @@ def test_pair_that_does_not_belong_together(tmp_path):
     (tmp_path / "a.bin").write_bytes((tmp_path / "b.bin").read_bytes())
     with pytest.raises(IndexedFormatError, match=r"a\.bin: .*does not belong together"):
         IndexedDataset(tmp_path / "a")
+
+
+def test_token_id_range_is_the_min_and_max_read_in_chunks_and_cached(tmp_path, monkeypatch):
+    import os
+
+    from tanuki.data import indexed
+
+    docs = random_docs(3, n=40, vocab=5000)
+    write(tmp_path / "d", docs, np.int32)
+    expected = (int(np.concatenate(docs).min()), int(np.concatenate(docs).max()))  # the oracle: numpy on all of it
+    monkeypatch.setattr(indexed, "_RANGE_CHUNK", 97)  # many chunks
+    lines = []
+    assert indexed.token_id_range(tmp_path / "d", log=lines.append, progress_after_s=-1) == expected
+    assert lines and "checking token ids" in lines[-1] and str(tmp_path / "d.bin") in lines[-1]
+    cache = tmp_path / "d.idrange.json"
+    assert cache.is_file()
+    # a cached answer is reused as long as the .bin is the same file...
+    import json
+
+    entry = json.loads(cache.read_text())
+    cache.write_text(json.dumps({**entry, "max_id": 123456}))  # a value only the cache can give
+    assert indexed.token_id_range(tmp_path / "d") == (expected[0], 123456)
+    # ...and recomputed when the .bin changes
+    write(tmp_path / "d", [np.array([7, 70000])], np.int32)
+    os.utime(tmp_path / "d.bin", ns=(1, 1))
+    assert indexed.token_id_range(tmp_path / "d") == (7, 70000)
+
+
+def test_token_id_range_of_a_read_only_dataset_dir(tmp_path, monkeypatch):
+    import errno
+
+    from tanuki.data import indexed
+
+    write(tmp_path / "d", [np.array([1, 2, 3])])
+
+    def read_only(*args, **kwargs):  # what a read-only mount gives (chmod does not stop root)
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(indexed.tempfile, "mkstemp", read_only)
+    assert indexed.token_id_range(tmp_path / "d") == (1, 3)
+    assert not (tmp_path / "d.idrange.json").exists()

@@ -338,3 +338,21 @@ def test_tokenizer_without_eos_needs_append_eos_off(big_vocab_tokenizer, tmp_pat
     with pytest.raises(PreprocessError, match="has no end-of-document token; set append_eos=false"):
         preprocess(cfg)
     assert preprocess(replace(cfg, append_eos=False)).tokens == 6
+
+
+def test_the_documented_input_list_forms_reach_every_file(tmp_path):
+    """conf/preprocess.yaml once documented ``input=a,b``, which Hydra refuses (a sweep without
+    --multirun); the forms it documents now compose into both files."""
+    from conftest import compose
+    from hydra.errors import ConfigCompositionException, OverrideParseException
+
+    from tanuki.config import from_dict
+    from tanuki.textio import expand_inputs
+
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.txt"
+    a.write_text('{"text": "x"}\n'), b.write_text("y\n")
+    for override in (f"input=[{a},{b}]", f"input='{a},{b}'"):
+        cfg = from_dict(PreprocessConfig, compose("preprocess", [override]))
+        assert [str(p) for p in expand_inputs(cfg.input)] == [str(a), str(b)], override
+    with pytest.raises((ConfigCompositionException, OverrideParseException, ValueError)):
+        compose("preprocess", [f"input={a},{b}"])

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -99,14 +100,48 @@ def test_export_bf16_with_tokenizer(tmp_path):
 
 def test_export_refuses_non_empty_output_and_overwrites_when_asked(tmp_path):
     out = tmp_path / "hf"
-    out.mkdir()
-    (out / "keep.txt").write_text("user data")
     sd = build_model(CFG).state_dict()
+    export_hf(sd, CFG, out)
+    (out / "keep.txt").write_text("stale")
     with pytest.raises(FileExistsError, match="not empty"):
         export_hf(sd, CFG, out)
-    assert (out / "keep.txt").read_text() == "user data"
-    export_hf(sd, CFG, out, overwrite=True)
+    assert (out / "keep.txt").read_text() == "stale"
+    export_hf(sd, CFG, out, overwrite=True)  # an earlier export is replaced
     assert not (out / "keep.txt").exists() and (out / "config.json").exists()
+
+
+@pytest.mark.parametrize("contents", [{"notes.txt": "user data"}, {"config.json": "{}", "notes.txt": "x"},
+                                      {"train.bin": "x", "train.idx": "x"}])
+def test_overwrite_refuses_a_directory_that_is_not_a_model_export(tmp_path, contents):
+    """overwrite=true pointed at a dataset directory once wiped it: only an export (config.json with
+    weights) is replaced."""
+    from tanuki.hf import write_peft_adapter
+
+    out = tmp_path / "data"
+    out.mkdir()
+    for name, text in contents.items():
+        (out / name).write_text(text)
+    with pytest.raises(FileExistsError, match=f"{out} is not empty and is not a model export"):
+        export_hf(build_model(CFG).state_dict(), CFG, out, overwrite=True)
+    with pytest.raises(FileExistsError, match="not a model export"):
+        write_peft_adapter({}, {}, out, overwrite=True)
+    assert {p.name: p.read_text() for p in out.iterdir()} == contents
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # no temporary directory either
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_export_keeps_the_users_umask(tmp_path, umask):
+    import os
+
+    previous = os.umask(umask)
+    try:
+        out = export_hf(build_model(CFG).state_dict(), CFG, tmp_path / "hf", max_shard_size="40KB")
+    finally:
+        os.umask(previous)
+    # the oracle: what the kernel gives mkdir/open under this umask
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask
+    for f in out.iterdir():
+        assert f.stat().st_mode & 0o777 == 0o666 & ~umask, f.name
 
 
 def test_interrupted_export_leaves_nothing(tmp_path, monkeypatch):
@@ -125,6 +160,50 @@ def test_interrupted_export_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         export_hf(build_model(CFG).state_dict(), CFG, tmp_path / "hf", max_shard_size="40KB")
     assert list(tmp_path.iterdir()) == []  # neither the output nor a temporary directory
+
+
+@pytest.mark.parametrize("err,cause", [("ENOSPC", "the disk is full (ENOSPC)"),
+                                       ("EROFS", "the file system is read-only (EROFS)")])
+def test_a_full_disk_or_read_only_output_during_export_is_named_and_leaves_nothing(tmp_path, monkeypatch, err, cause):
+    import errno
+
+    import safetensors.torch
+
+    from tanuki import fileio
+    from tanuki.fileio import WriteError
+
+    code = getattr(errno, err)
+    real = safetensors.torch.save_file
+    calls = {"n": 0}
+
+    def failing_save(tensors, filename, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(code, os.strerror(code), str(filename))
+        return real(tensors, filename, **kwargs)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", failing_save)
+    with pytest.raises(WriteError, match=rf"writing {tmp_path / 'hf'} \(nothing was left there\) failed at .*{re.escape(cause)}"):
+        export_hf(build_model(CFG).state_dict(), CFG, tmp_path / "hf", max_shard_size="40KB")
+    assert list(tmp_path.iterdir()) == []
+
+    # a directory that cannot be written at all (what a read-only mount gives; chmod does not stop root)
+    def no_dir(*args, **kwargs):
+        raise OSError(code, os.strerror(code), kwargs.get("dir"))
+
+    monkeypatch.setattr(fileio.tempfile, "mkdtemp", no_dir)
+    with pytest.raises(WriteError, match=re.escape(cause)):
+        export_hf(build_model(CFG).state_dict(), CFG, tmp_path / "hf")
+
+
+def test_a_truncated_safetensors_file_is_named_on_import(tmp_path):
+    from tanuki.hf import HFFormatError, load_hf
+
+    out = export_hf(build_model(CFG).state_dict(), CFG, tmp_path / "hf", dtype=torch.float32)
+    f = out / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(HFFormatError, match=rf"{f}: not a readable safetensors file: damaged, truncated"):
+        load_hf(out)
 
 
 def test_export_checks_the_state_dict(tmp_path):

@@ -77,3 +77,59 @@ def test_run_dir_precedence(monkeypatch):
     monkeypatch.delenv("SLURM_JOB_ID")
     name = resolve_run_dir(None, "pretrain", env).name
     assert name.startswith("pretrain-") and len(name) == len("pretrain-20260101-000000")
+
+
+HUNG_RANK = """
+import os, sys, time
+import torch
+from tanuki.parallel.env import DistEnv, init_distributed
+rank = int(sys.argv[1])
+init_distributed(DistEnv(rank, 2, rank, "torchrun/deepspeed"), "gloo", timeout_s=float(sys.argv[2]))
+if rank == 1:
+    time.sleep(120)  # alive but hung: never joins the collective
+t0 = time.monotonic()
+try:
+    torch.distributed.all_reduce(torch.ones(1))
+except Exception as e:
+    print(f"failed after {time.monotonic() - t0:.1f}s: {type(e).__name__}", flush=True)
+    os._exit(3)
+"""
+
+
+def test_parallel_timeout_s_bounds_the_wait_for_a_hung_rank(tmp_path):
+    """``parallel.timeout_s`` reaches the process group: a collective with a hung peer fails after it."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = tmp_path / "hung.py"
+    script.write_text(HUNG_RANK)
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", OMP_NUM_THREADS="1",
+               PYTHONPATH=str(REPO))
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), "4"], env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+    try:
+        out, _ = procs[0].communicate(timeout=90)
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    assert procs[0].returncode == 3, out
+    waited = float(out.split("failed after ")[1].split("s:")[0])
+    assert 3.5 <= waited < 30, out
+
+
+def test_timeout_s_is_a_checked_config_key():
+    from conftest import compose
+
+    from tanuki.config import ConfigError, PretrainConfig, from_dict
+
+    assert from_dict(PretrainConfig, compose("pretrain", ["parallel.timeout_s=90"])).parallel.timeout_s == 90
+    with pytest.raises(ConfigError, match="parallel.timeout_s"):
+        from_dict(PretrainConfig, compose("pretrain", ["parallel.timeout_s=0"]))

@@ -135,3 +135,75 @@ def test_export_cli_on_a_run_dir(single, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
     assert model.config.num_hidden_layers == 2
     assert (tmp_path / "hf/tokenizer.json").is_file() and (tmp_path / "hf/tokenizer_config.json").is_file()
+
+
+CRAFT = """
+import builtins, sys, torch
+class Payload:
+    def __reduce__(self):
+        return builtins.open, (sys.argv[2], "w")
+torch.save({"optimizer_state_dict": Payload()}, sys.argv[1])
+"""
+
+
+def test_export_cli_refuses_a_crafted_checkpoint_file_in_one_line(single, tmp_path):
+    import shutil
+
+    run_dir = shutil.copytree(single, tmp_path / "run")
+    bad = run_dir / "checkpoints/step_00000006/zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    subprocess.run([sys.executable, "-c", CRAFT, str(bad), str(tmp_path / "marker")], check=True)
+    proc = launch([sys.executable, "launch/export_hf.py", f"checkpoint={run_dir}", f"output={tmp_path}/hf"], tmp_path,
+                  check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert f"error: {bad}: refused to load" in proc.stderr
+    assert f"previous complete checkpoint is {run_dir / 'checkpoints/step_00000004'}" in proc.stderr
+    assert not (tmp_path / "marker").exists() and not (tmp_path / "hf").exists()
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
+def test_sigkill_of_one_rank_ends_every_rank_then_resume_continues(tiny_corpus, single, tmp_path, launcher):
+    """A rank killed mid-run (OOM killer, a lost node): every other rank ends within 60 s, the launcher
+    names the dead rank, and the same command resumes from the last complete checkpoint."""
+    import psutil
+
+    port = str(free_port())
+    if launcher == "deepspeed":
+        cmd = [BIN / "deepspeed", "--num_gpus", "2", "--master_port", port]
+    else:
+        cmd = [BIN / "torchrun", "--nproc-per-node", "2", "--master-port", port]
+    cmd = [*cmd, *pretrain_cmd(tiny_corpus, tmp_path, "parallel.timeout_s=30")]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 240
+    ranks: list = []
+    try:
+        while not (tmp_path / "metrics.jsonl").exists() or 3 not in metrics(tmp_path):
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() < deadline, "the run did not reach step 3"
+            time.sleep(0.05)
+        ranks = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                 if "launch/pretrain.py" in " ".join(p.cmdline())]
+        victim = next(p for p in ranks if p.environ().get("RANK") == "1")
+        victim.send_signal(signal.SIGKILL)
+        t0 = time.monotonic()
+        out, _ = proc.communicate(timeout=60)
+        ended = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert ended < 60
+    gone, alive = psutil.wait_procs(ranks, timeout=5)
+    assert not alive, f"ranks still running: {alive}"
+    assert proc.returncode != 0
+    if launcher == "torchrun":
+        assert "rank      : 1 (local_rank: 1)" in out or "rank: 1" in out, out[-3000:]
+    else:
+        assert "--local_rank=1" in out and "exits with return code = -9" in out, out[-3000:]
+    assert max(metrics(tmp_path)) < 6, "the run finished before it could be killed"
+
+    resumed = launch(cmd, tmp_path).stdout
+    assert "resumed from" in resumed
+    two, one = metrics(tmp_path), metrics(single)
+    assert sorted(two) == [1, 2, 3, 4, 5, 6]
+    for step in one:
+        assert two[step]["loss"] == pytest.approx(one[step]["loss"], rel=2e-5), step

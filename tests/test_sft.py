@@ -226,3 +226,14 @@ def test_exact_match_evaluation_agrees_with_transformers_generate(base, tmp_path
         out = hf.generate(ids, max_new_tokens=6, do_sample=False)[0, ids.shape[1]:]
         assert pred["prediction"] == tok.decode(out, skip_special_tokens=True)
         assert pred["correct"] == (pred["prediction"].strip() == p.answer.strip())
+
+
+def test_an_export_dir_that_is_not_a_model_export_is_refused_before_training(base, tmp_path):
+    """export.dir pointed at a dataset directory: refused (naming it) before any step, not wiped after."""
+    data = tmp_path / "my-data"
+    data.mkdir()
+    (data / "notes.txt").write_text("keep me")
+    with pytest.raises(ConfigError, match=f"export.dir.*{data} is not empty and is not a model export"):
+        sft(base, tmp_path / "run", f"export.dir={data}")
+    assert (data / "notes.txt").read_text() == "keep me"
+    assert not (tmp_path / "run" / "checkpoints").exists()

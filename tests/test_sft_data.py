@@ -126,6 +126,17 @@ BAD_LINES = [
     (json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "system", "content": "s"},
                               {"role": "assistant", "content": "a"}]}), ("system_not_first", "must come first")),
     (json.dumps([1, 2]), ("bad_record", "expected a JSON object")),
+    # role order: these trained silently before
+    (json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "user", "content": "q2"},
+                              {"role": "assistant", "content": "a"}]}), ("role_order", r"messages\[1\]: two user turns")),
+    (json.dumps({"messages": [{"role": "assistant", "content": "a"}, {"role": "assistant", "content": "b"}]}),
+     ("role_order", "first turn must be a user turn")),
+    (json.dumps({"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"},
+                              {"role": "assistant", "content": "a"}, {"role": "user", "content": "q2"}]}),
+     ("role_order", r"messages\[3\]: the conversation ends with a user turn")),
+    (json.dumps({"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"},
+                              {"role": "assistant", "content": "a"}, {"role": "user", "content": "q2"},
+                              {"role": "assistant", "content": "a2"}]}), None),
     (json.dumps({"instruction": "q", "input": "", "output": "a"}), None),
 ]
 
@@ -146,12 +157,12 @@ def test_bad_records_skipped_with_counts(tmp_path):
     path.write_text("\n".join(line for line, _ in BAD_LINES) + "\n", encoding="utf-8")
     stats = SFTStats()
     convs = read_conversations(str(path), on_error="skip", stats=stats)
-    assert [c.source for c in convs] == [f"{path}:1", f"{path}:{len(BAD_LINES)}"]
+    assert [c.source for c in convs] == [f"{path}:{i + 1}" for i, (_, bad) in enumerate(BAD_LINES) if bad is None]
     expected = {}
     for _, bad in BAD_LINES:
         if bad:
             expected[bad[0]] = expected.get(bad[0], 0) + 1
-    assert stats.skipped == expected and stats.records == len(BAD_LINES) and stats.conversations == 2
+    assert stats.skipped == expected and stats.records == len(BAD_LINES) and stats.conversations == 3
     assert "skipped" in stats.summary()
 
 

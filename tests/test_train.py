@@ -264,6 +264,60 @@ def test_sigterm_saves_a_checkpoint_and_stops(tiny_corpus, tmp_path, monkeypatch
     assert [losses[s] for s in (4, 5, 6)] == [reference["losses"][s] for s in (4, 5, 6)]
 
 
+def test_ctrl_c_saves_a_checkpoint_and_stops_and_a_second_one_aborts(tiny_corpus, tmp_path, monkeypatch, capfd,
+                                                                     reference):
+    """The first SIGINT is a stop request like SIGTERM (one line says so); a second aborts at once."""
+    import functools
+    import os
+    import signal
+
+    from tanuki import pretrain
+
+    real_step = pretrain.lm_step
+    calls = {"n": 0}
+
+    def interrupting(model, batch, *, at, **kw):
+        calls["n"] += 1
+        if calls["n"] in at:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_step(model, batch, **kw)
+
+    monkeypatch.setattr(pretrain, "lm_step", functools.partial(interrupting, at={9}))
+    result, lines, _ = train(tiny_corpus, tmp_path, "checkpoint.every=100")
+    assert result.stopped_by_signal and result.step == 3
+    assert latest_checkpoint(tmp_path / "checkpoints").name == "step_00000003"
+    err = capfd.readouterr().err
+    assert err.count("interrupted (Ctrl-C)") == 1 and "Ctrl-C again to abort" in err
+    assert "Traceback" not in err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored after the run
+
+    # the run continues exactly
+    monkeypatch.setattr(pretrain, "lm_step", real_step)
+    _, _, losses = train(tiny_corpus, tmp_path, "checkpoint.every=100")
+    assert [losses[s] for s in (4, 5, 6)] == [reference["losses"][s] for s in (4, 5, 6)]
+
+    # two Ctrl-C: KeyboardInterrupt at once, in the step of the second, with no new checkpoint
+    calls["n"] = 0
+    monkeypatch.setattr(pretrain, "lm_step", functools.partial(interrupting, at={1, 2}))
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_corpus, tmp_path / "again", "checkpoint.every=100")
+    assert calls["n"] == 2 and latest_checkpoint(tmp_path / "again" / "checkpoints") is None
+
+
+def test_keyboard_interrupt_in_a_launch_script_is_one_line_and_status_130(capsys):
+    from tanuki.cli import user_errors
+
+    @user_errors()
+    def task():
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as e:
+        task()
+    assert e.value.code == 130
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "aborted by Ctrl-C" in err
+
+
 def test_init_from_a_hugging_face_model_and_export_at_the_end(tiny_corpus, reference, tmp_path):
     """Continue pretraining from an HF directory: the first loss is transformers' loss on the first batch."""
     from transformers import AutoModelForCausalLM
@@ -391,3 +445,13 @@ def test_zero3_built_partitioned_on_two_ranks_equals_one_process(tiny_corpus, tm
     assert two.keys() == ref.keys()
     for k in ref:
         torch.testing.assert_close(two[k], ref[k], rtol=1e-4, atol=3e-5, msg=k)
+
+
+def test_an_export_dir_that_is_not_a_model_export_is_refused_before_training(tiny_corpus, tmp_path):
+    data = tmp_path / "my-data"
+    data.mkdir()
+    (data / "notes.txt").write_text("keep me")
+    with pytest.raises(ConfigError, match=f"export.dir.*{data} is not empty and is not a model export"):
+        train(tiny_corpus, tmp_path / "run", "export.hf=true", f"export.dir={data}")
+    assert (data / "notes.txt").read_text() == "keep me"
+    assert not (tmp_path / "run" / "checkpoints").exists()

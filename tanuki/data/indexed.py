@@ -19,9 +19,13 @@ contiguous in ``.bin``: a document is always a single zero-copy slice.
 
 from __future__ import annotations
 
+import json
 import os
 import struct
-from collections.abc import Iterable, Sequence
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -337,3 +341,62 @@ def write_index(path: str | os.PathLike, dtype: np.dtype, sequence_lengths: np.n
         f.write(np.asarray(document_indices, dtype=np.int64).tobytes())
         f.flush()
         os.fsync(f.fileno())
+
+
+#: tokens per chunk of :func:`token_id_range` (256 MiB of int32)
+_RANGE_CHUNK = 1 << 26
+
+
+def _range_cache_path(prefix: str | os.PathLike) -> Path:
+    return Path(f"{os.fspath(prefix)}.idrange.json")
+
+
+def token_id_range(prefix: str | os.PathLike, log: Callable[[str], None] | None = None,
+                   progress_after_s: float = 3.0) -> tuple[int, int]:
+    """The smallest and largest token id in ``PREFIX.bin`` ((0, -1) for an empty dataset).
+
+    Read with a memory map in chunks (constant memory); a pass that takes longer than
+    ``progress_after_s`` reports its progress through ``log`` (default: stderr). The result is cached
+    beside the index in ``PREFIX.idrange.json``, keyed by the ``.bin``'s size and modification time
+    (skipped where the directory is read-only)."""
+    ds = IndexedDataset(prefix)
+    st = ds.bin_file.stat()
+    key = {"bin_size": st.st_size, "bin_mtime_ns": st.st_mtime_ns, "dtype": ds.dtype.str}
+    cache = _range_cache_path(prefix)
+    try:
+        cached = json.loads(cache.read_text())
+        if {k: cached.get(k) for k in key} == key:
+            return int(cached["min_id"]), int(cached["max_id"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+    tokens = ds.tokens
+    lo, hi = None, None
+    t0 = last = time.monotonic()
+    for start in range(0, len(tokens), _RANGE_CHUNK):
+        chunk = tokens[start:start + _RANGE_CHUNK]
+        cmin, cmax = int(chunk.min()), int(chunk.max())
+        lo = cmin if lo is None else min(lo, cmin)
+        hi = cmax if hi is None else max(hi, cmax)
+        now = time.monotonic()
+        if now - t0 > progress_after_s and now - last > progress_after_s:
+            last = now
+            log(f"{ds.bin_file}: checking token ids, {min(start + _RANGE_CHUNK, len(tokens)):,} of "
+                f"{len(tokens):,} tokens")
+    lo, hi = (0, -1) if lo is None else (lo, hi)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{cache.name}.", dir=cache.parent)
+        with os.fdopen(fd, "w") as fh:
+            json.dump({**key, "min_id": lo, "max_id": hi}, fh)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, cache)
+    except OSError:  # a read-only dataset directory: no cache, the check still ran
+        pass
+    return lo, hi
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+

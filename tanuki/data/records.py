@@ -270,7 +270,10 @@ def validate_messages(messages: Any, source: str = "", *, need_assistant: bool =
     Errors (:class:`SFTDataError`, reason in brackets): not a non-empty list of objects [bad_record],
     a role other than system/user/assistant [unknown_role], empty or non-string content
     [empty_content], a system message that is not the first [system_not_first], no assistant turn
-    [no_assistant] (unless ``need_assistant=False``).
+    [no_assistant] (unless ``need_assistant=False``); turns out of order [role_order]: after the
+    system message the turns alternate user, assistant, user, ... starting with a user turn, and a
+    conversation to train on (``need_assistant=True``) ends with an assistant turn (a chat template
+    renders each turn as a reply to the one before, and the loss is on assistant turns).
     """
     if not isinstance(messages, list) or not messages:
         raise SFTDataError(source, "bad_record", "'messages' must be a non-empty list")
@@ -291,6 +294,19 @@ def validate_messages(messages: Any, source: str = "", *, need_assistant: bool =
         out.append({"role": role, "content": content})
     if need_assistant and not any(m["role"] == "assistant" for m in out):
         raise SFTDataError(source, "no_assistant", "the conversation has no assistant turn")
+    turns = [(i, m["role"]) for i, m in enumerate(out) if m["role"] != "system"]
+    if not turns:
+        raise SFTDataError(source, "role_order", "the conversation has only a system message")
+    if turns[0][1] != "user":
+        raise SFTDataError(source, "role_order", f"messages[{turns[0][0]}]: the first turn must be a user turn, "
+                           f"got {turns[0][1]}")
+    for (_, prev), (i, role) in zip(turns, turns[1:]):
+        if role == prev:
+            raise SFTDataError(source, "role_order", f"messages[{i}]: two {role} turns in a row (turns must "
+                               "alternate user, assistant)")
+    if need_assistant and turns[-1][1] != "assistant":
+        raise SFTDataError(source, "role_order", f"messages[{turns[-1][0]}]: the conversation ends with a user "
+                           "turn (nothing to learn from it); end it with the assistant's reply")
     return tuple(out)
 
 

@@ -10,6 +10,7 @@ process group exists.
 
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 import time
@@ -86,8 +87,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed(env: DistEnv, backend: str) -> None:
+def init_distributed(env: DistEnv, backend: str, timeout_s: float | None = None) -> None:
     """Start the default process group (``deepspeed.init_distributed``) for ``env``.
+
+    ``timeout_s`` (``parallel.timeout_s``): how long a collective waits for the other ranks before
+    failing (None: DeepSpeed's default, 30 minutes).
 
     A single plain process gets a one-rank group on localhost so that the same DeepSpeed code path runs.
     Multi-rank jobs need ``MASTER_ADDR``/``MASTER_PORT`` from the launcher (or the batch script, for
@@ -109,7 +113,8 @@ def init_distributed(env: DistEnv, backend: str) -> None:
                 f"{' and '.join(missing)} not set: a {env.world_size}-rank job started by {env.launcher} needs "
                 "the address of rank 0 (export them in the batch script; see launch/slurm/)"
             )
-    deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    kwargs = {} if timeout_s is None else {"timeout": datetime.timedelta(seconds=timeout_s)}
+    deepspeed.init_distributed(dist_backend=backend, verbose=False, **kwargs)
 
 
 def resolve_run_dir(configured: str | None, stage: str, env: DistEnv) -> Path:

@@ -75,8 +75,11 @@ def _has_universal_info(checkpoint: Path, zero_stage: int) -> bool:
     path = _model_states_file(checkpoint, zero_stage)
     if not path.is_file():
         return False
+    from tanuki.checkpoint import CheckpointError  # tanuki.checkpoint imports this module
+    from tanuki.fileio import load_pt
+
     # mmap: only the small metadata is read, not the weights the file also holds.
-    sd = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    sd = load_pt(path, CheckpointError, mmap=True)
     return bool(sd.get(UNIVERSAL_CHECKPOINT_INFO))
 
 
@@ -125,6 +128,8 @@ def convert_to_universal(checkpoint: Path) -> Path:
     checkpoint, renamed into place when complete."""
     from deepspeed.checkpoint import ds_to_universal  # lazy, as in _has_universal_info
 
+    from tanuki.fileio import safe_torch_loads
+
     checkpoint = Path(checkpoint)
     target = universal_path(checkpoint)
     if (target / "zero" / "optimizer_state.pt").is_file():
@@ -151,7 +156,9 @@ def convert_to_universal(checkpoint: Path) -> Path:
         )
         log = io.StringIO()
         try:
-            with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            # ds_to_universal calls torch.load(weights_only=False) itself: forced to weights_only=True
+            # (the files were checked one by one when the resume was planned).
+            with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log), safe_torch_loads():
                 ds_to_universal.main(args)
         except Exception as e:
             raise RuntimeError(f"converting {checkpoint} to a universal checkpoint failed: {e}\n{log.getvalue()[-4000:]}") from e
@@ -193,8 +200,10 @@ def repair_optimizer_after_load(optimizer: torch.optim.Optimizer, universal: Pat
       each step and the bias correction of every group but the first would be wrong. Each group gets
       its own copy.
     """
-    saved = torch.load(Path(universal) / "zero" / "optimizer_state.pt", map_location="cpu", mmap=True,
-                       weights_only=False)["param_groups"]
+    from tanuki.checkpoint import CheckpointError  # tanuki.checkpoint imports this module
+    from tanuki.fileio import load_pt
+
+    saved = load_pt(Path(universal) / "zero" / "optimizer_state.pt", CheckpointError, mmap=True)["param_groups"]
     if len(saved) != len(optimizer.param_groups):
         raise RuntimeError(f"{universal}: {len(saved)} saved parameter groups, the optimizer has "
                            f"{len(optimizer.param_groups)}")

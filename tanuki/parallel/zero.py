@@ -108,6 +108,28 @@ def _quiet_deepspeed() -> None:
     warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor).*", category=FutureWarning)
 
 
+def safe_checkpoint_engine(engine) -> None:
+    """Give ``engine`` a checkpoint engine whose ``load`` reads with ``weights_only=True`` (allowing
+    only :func:`tanuki.fileio.torch_allowlist`) instead of DeepSpeed's ``weights_only=False``
+    (``torch_checkpoint_engine.py``), so that resuming from a crafted checkpoint cannot run code; its
+    errors name the file. Saving is DeepSpeed's, unchanged."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    from tanuki.checkpoint import CheckpointError
+    from tanuki.fileio import load_pt
+
+    class SafeTorchCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location=None):
+            return load_pt(path, CheckpointError, map_location=map_location)
+
+    if engine.checkpoint_engine is None:
+        return  # a frozen ZeRO-3 engine (no optimizer): DeepSpeed gives it no checkpoint engine to load with
+    if type(engine.checkpoint_engine) is not TorchCheckpointEngine:
+        raise RuntimeError(f"unexpected DeepSpeed checkpoint engine {type(engine.checkpoint_engine).__name__} "
+                           "(tanuki's DeepSpeed config selects the torch one)")
+    engine.checkpoint_engine = SafeTorchCheckpointEngine(engine._config)
+
+
 def build_engine(model: torch.nn.Module, train: TrainConfig, parallel: ParallelConfig, *, dp_size: int, bf16: bool,
                  mpu=None, load_universal: bool = False):
     """Wrap ``model`` in a DeepSpeed engine; returns ``(engine, optimizer)`` (the client AdamW, whose
@@ -134,4 +156,5 @@ def build_engine(model: torch.nn.Module, train: TrainConfig, parallel: ParallelC
     config = deepspeed_config(train, parallel, dp_size=dp_size, bf16=bf16, load_universal=load_universal)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config, mpu=mpu,
                                            dist_init_required=False)
+    safe_checkpoint_engine(engine)
     return engine, optimizer
