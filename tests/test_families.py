@@ -56,6 +56,11 @@ FAMILIES = {
     # Qwen3: RMSNorm q/k norms over head_dim, explicit head_dim 16
     "qwen3": ("Qwen3Config", dict(_COMMON, num_attention_heads=8, num_key_value_heads=2, head_dim=16,
                                   tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
+    # Qwen3 with yarn (its long-context recipe), tied
+    "qwen3-yarn": ("Qwen3Config", dict(_COMMON, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                       tie_word_embeddings=True, rope_parameters={
+                                           "rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0,
+                                           "original_max_position_embeddings": 16})),
     # Mistral: a sliding window equal to the context (full attention within it)
     "mistral": ("MistralConfig", dict(_COMMON, num_attention_heads=6, num_key_value_heads=3, head_dim=16,
                                       sliding_window=64, rope_parameters={"rope_type": "default", "rope_theta": 1e4})),
@@ -195,6 +200,8 @@ def test_fused_kernels_apply_only_where_their_op_matches(hf_dirs):
     apply_kernels(llama3, "triton")
     assert kernel_summary(llama3)["TritonRotary"] == n
     torch.testing.assert_close(ours(llama3, batch), ref, **TOL)
+    # yarn scales cos and sin, which the fused rotary does not: it stays in PyTorch
+    assert kernel_summary(apply_kernels(import_hf(hf_dirs["qwen3-yarn"]), "triton"))["Rotary"] == n
 
 
 # -- tensor parallelism -----------------------------------------------------------------------------
@@ -264,8 +271,8 @@ def test_unsupported_model_type_and_rope_type_name_the_file_and_key(hf_dirs, tmp
     for name, bad, match in (
         ("phi", dict(config, model_type="phi3", architectures=["Phi3ForCausalLM"]),
          r"phi/config.json: model_type='phi3' .*is not supported"),
-        ("yarn", dict(config, rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}),
-         r"yarn/config.json: rope_scaling.rope_type='yarn' is not supported"),
+        ("longrope", dict(config, rope_parameters={"rope_type": "longrope", "rope_theta": 1e4, "factor": 4.0}),
+         r"longrope/config.json: rope_scaling.rope_type='longrope' is not supported"),
         ("v4-dynamic", dict({k: v for k, v in config.items() if k != "rope_parameters"}, rope_theta=1e4,
                             rope_scaling={"type": "dynamic", "factor": 2.0}),
          r"v4-dynamic/config.json: rope_scaling.rope_type='dynamic'"),
