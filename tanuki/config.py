@@ -195,14 +195,25 @@ class RopeScaling:
     * ``linear``: every inverse frequency divided by ``factor`` (position interpolation, Chen et al. 2023);
     * ``llama3``: Llama 3.1's band rescaling: wavelengths above ``original_max_position_embeddings /
       low_freq_factor`` divided by ``factor``, those below ``original_max_position_embeddings /
-      high_freq_factor`` kept, a smooth interpolation between.
+      high_freq_factor`` kept, a smooth interpolation between;
+    * ``yarn`` (Peng et al. 2023; Qwen2.5/Qwen3 long context): interpolated and extrapolated frequencies
+      blended by a linear ramp between the dimensions that rotate ``beta_fast`` and ``beta_slow`` times
+      over the original context, and cos/sin scaled by ``attention_factor`` (default
+      ``0.1 ln(factor) + 1``, or the ``mscale`` / ``mscale_all_dim`` ratio).
     """
 
-    rope_type: Literal["linear", "llama3"] = "linear"
+    rope_type: Literal["linear", "llama3", "yarn"] = "linear"
     factor: float = 1.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    #: yarn only
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    truncate: bool = True
+    attention_factor: Optional[float] = None
+    mscale: Optional[float] = None
+    mscale_all_dim: Optional[float] = None
 
     def __post_init__(self) -> None:
         require(self.factor > 0, "model.rope_scaling.factor", f"must be positive, got {self.factor}")
@@ -212,8 +223,8 @@ class RopeScaling:
                 "model.rope_scaling.high_freq_factor",
                 f"must exceed low_freq_factor > 0 (got {self.high_freq_factor}, {self.low_freq_factor})",
             )
-            require(self.original_max_position_embeddings > 0, "model.rope_scaling.original_max_position_embeddings",
-                    "must be positive")
+        require(self.original_max_position_embeddings > 0, "model.rope_scaling.original_max_position_embeddings",
+                "must be positive")
 
 
 #: model families: the Hugging Face ``model_type`` a dense model is imported from and exported as

@@ -17,9 +17,9 @@ patched.
 
 The kernels apply only where their op is the model's: RMSNorm with a gain over the last dimension (the
 block norms, and Qwen3's q/k norms over head_dim), the half-split rotary (with any rope scaling, which
-is folded into ``inv_freq``) and SwiGLU. Cohere's :class:`~tanuki.model.LayerNorm`, its
+is folded into ``inv_freq``, except yarn's cos/sin scale) and SwiGLU. Cohere's :class:`~tanuki.model.LayerNorm`, its
 :class:`~tanuki.model.InterleavedRotary` and a per-head RMSNorm gain ((heads, head_dim)) stay on the
-PyTorch path; :func:`kernel_summary` counts each by class name, so a log shows which ran where.
+PyTorch path, as does a yarn-scaled rotary; :func:`kernel_summary` counts each by class name, so a log shows which ran where.
 
 Call it once on the built model, before activation checkpointing and the ZeRO engine wrap it. The fused
 ops are ``torch.library`` custom ops, so they compose with ``torch.compile`` without graph breaks, with
@@ -131,6 +131,8 @@ def apply_kernels(
             target = table.get(type(child))
             if target is None or (isinstance(child, RMSNorm) and child.weight.dim() != 1):
                 continue  # (the fused RMSNorm takes one gain over the last dimension)
+            if isinstance(child, Rotary) and getattr(child, "attention_scaling", 1.0) != 1.0:
+                continue  # (yarn scales cos/sin; the fused rotary does not)
             if id(child) not in replaced:
                 replaced[id(child)] = _rebuilt_as(child, target)
             setattr(parent, name, replaced[id(child)])

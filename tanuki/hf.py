@@ -232,7 +232,10 @@ _FAMILY_FLAGS = {
 }
 #: rope types tanuki computes (``rope_scaling.rope_type``); transformers' others (yarn, dynamic,
 #: longrope, ...) are refused by name
-ROPE_TYPES = ("default", "linear", "llama3")
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+#: yarn's optional parameters and the values transformers assumes when they are absent
+_YARN_DEFAULTS = {"beta_fast": 32.0, "beta_slow": 1.0, "truncate": True, "attention_factor": None, "mscale": None,
+                  "mscale_all_dim": None}
 
 
 def _check_family(cfg: ModelConfig) -> None:
@@ -256,6 +259,9 @@ def _rope_parameters(cfg: ModelConfig) -> dict:
         if sc.rope_type == "llama3":
             rope.update(low_freq_factor=float(sc.low_freq_factor), high_freq_factor=float(sc.high_freq_factor),
                         original_max_position_embeddings=int(sc.original_max_position_embeddings))
+        elif sc.rope_type == "yarn":  # the optional parameters only where they differ from the default
+            rope.update(original_max_position_embeddings=int(sc.original_max_position_embeddings))
+            rope.update({k: getattr(sc, k) for k, v in _YARN_DEFAULTS.items() if getattr(sc, k) != v})
     return rope
 
 
@@ -392,11 +398,16 @@ def _rope_from_hf(hf: Mapping, source: str) -> tuple[float, dict]:
     scaling = None
     if rope_type != "default":
         keep = {f: rope[f] for f in ("factor", "low_freq_factor", "high_freq_factor") if f in rope}
-        if rope_type == "llama3":
+        if rope_type in ("llama3", "yarn"):
             keep["original_max_position_embeddings"] = int(
                 rope.get("original_max_position_embeddings", hf.get("max_position_embeddings", 8192)))
-        scaling = RopeScaling(rope_type=rope_type, **{k: float(v) if k != "original_max_position_embeddings" else v
-                                                      for k, v in keep.items()})
+        if rope_type == "yarn":
+            if rope.get("factor") is None:  # transformers: the context ratio
+                keep["factor"] = hf["max_position_embeddings"] / keep["original_max_position_embeddings"]
+            keep.update({k: rope[k] for k in _YARN_DEFAULTS if rope.get(k) is not None})
+            keep = {k: bool(v) if k == "truncate" else v for k, v in keep.items()}
+        scaling = RopeScaling(rope_type=rope_type, **{
+            k: v if k in ("original_max_position_embeddings", "truncate") else float(v) for k, v in keep.items()})
     return float(theta if theta is not None else 10000.0), scaling
 
 

@@ -8,8 +8,8 @@ Tanuki-8x8B), whose router losses :func:`moe_losses` returns for the training st
 
 The other families are flags of :class:`~tanuki.config.ModelConfig` (litgpt's one model with config
 flags), each checked against transformers' modelling code of that family: :class:`LayerNorm` (Cohere),
-the parallel block (Cohere), :class:`InterleavedRotary` (Cohere), rope scaling (Llama 3.1: ``linear``,
-``llama3``), q/k/v biases (Qwen2), per-head q/k norms (Qwen3: one RMSNorm gain over head_dim; Command R+:
+the parallel block (Cohere), :class:`InterleavedRotary` (Cohere), rope scaling (``linear``, Llama 3.1's
+``llama3``, ``yarn``), q/k/v biases (Qwen2), per-head q/k norms (Qwen3: one RMSNorm gain over head_dim; Command R+:
 a LayerNorm gain per head), tied embedding and head, a logit scale (Cohere), a sliding window kept for
 the export (Mistral; tanuki attends to the full context and refuses longer inputs).
 
@@ -138,7 +138,37 @@ def rope_inv_freq(head_dim: int, theta: float, scaling=None, device=None) -> tor
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = ~(wavelen < L / hi) * ~(wavelen > L / lo)
         return torch.where(medium, smoothed, scaled)
+    if scaling.rope_type == "yarn":  # transformers.modeling_rope_utils ``_compute_yarn_parameters``
+        def correction_dim(rotations):
+            L = scaling.original_max_position_embeddings
+            return head_dim * math.log(L / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+        low, high = correction_dim(scaling.beta_fast), correction_dim(scaling.beta_slow)
+        if scaling.truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, head_dim - 1)
+        if low == high:
+            high += 0.001
+        ramp = ((torch.arange(head_dim // 2, dtype=torch.float32, device=device) - low) / (high - low)).clamp(0, 1)
+        extrapolation = 1 - ramp
+        pos_freqs = theta**exponent
+        return 1.0 / (scaling.factor * pos_freqs) * (1 - extrapolation) + 1.0 / pos_freqs * extrapolation
     raise ValueError(f"unknown rope scaling type {scaling.rope_type!r}")
+
+
+def rope_attention_scaling(scaling) -> float:
+    """The factor yarn multiplies cos and sin by (1 for the other rope types)."""
+    if scaling is None or scaling.rope_type != "yarn":
+        return 1.0
+    if scaling.attention_factor is not None:
+        return float(scaling.attention_factor)
+
+    def mscale(factor, m=1.0):
+        return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+
+    if scaling.mscale and scaling.mscale_all_dim:
+        return float(mscale(scaling.factor, scaling.mscale) / mscale(scaling.factor, scaling.mscale_all_dim))
+    return mscale(scaling.factor)
 
 
 class Rotary(nn.Module):
@@ -155,6 +185,8 @@ class Rotary(nn.Module):
         self.theta = theta
         #: a :class:`~tanuki.config.RopeScaling` folded into the frequencies (so the fused kernel applies)
         self.scaling = scaling
+        #: cos and sin are multiplied by this (yarn; 1 otherwise, and then only is the fused kernel used)
+        self.attention_scaling = rope_attention_scaling(scaling)
         self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
 
     def _inv_freq(self, device=None) -> torch.Tensor:
@@ -180,6 +212,8 @@ class Rotary(nn.Module):
         angles = positions.to(torch.float32)[..., None] * self.inv_freq  # (B, T, D/2)
         cos = angles.cos()[:, :, None, :]
         sin = angles.sin()[:, :, None, :]
+        if self.attention_scaling != 1.0:
+            cos, sin = cos * self.attention_scaling, sin * self.attention_scaling
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
     def extra_repr(self) -> str:
@@ -196,6 +230,8 @@ class InterleavedRotary(Rotary):
         angles = positions.to(torch.float32)[..., None] * self.inv_freq  # (B, T, D/2)
         cos = angles.cos()[:, :, None, :]
         sin = angles.sin()[:, :, None, :]
+        if self.attention_scaling != 1.0:
+            cos, sin = cos * self.attention_scaling, sin * self.attention_scaling
         return _rotate_interleaved(q, cos, sin), _rotate_interleaved(k, cos, sin)
 
 

@@ -56,6 +56,11 @@ FAMILIES = {
     # Qwen3: RMSNorm q/k norms over head_dim, explicit head_dim 16
     "qwen3": ("Qwen3Config", dict(_COMMON, num_attention_heads=8, num_key_value_heads=2, head_dim=16,
                                   tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
+    # Qwen3 with yarn (its long-context recipe), tied
+    "qwen3-yarn": ("Qwen3Config", dict(_COMMON, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                       tie_word_embeddings=True, rope_parameters={
+                                           "rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0,
+                                           "original_max_position_embeddings": 16})),
     # Mistral: a sliding window equal to the context (full attention within it)
     "mistral": ("MistralConfig", dict(_COMMON, num_attention_heads=6, num_key_value_heads=3, head_dim=16,
                                       sliding_window=64, rope_parameters={"rope_type": "default", "rope_theta": 1e4})),
@@ -195,6 +200,8 @@ def test_fused_kernels_apply_only_where_their_op_matches(hf_dirs):
     apply_kernels(llama3, "triton")
     assert kernel_summary(llama3)["TritonRotary"] == n
     torch.testing.assert_close(ours(llama3, batch), ref, **TOL)
+    # yarn scales cos and sin, which the fused rotary does not: it stays in PyTorch
+    assert kernel_summary(apply_kernels(import_hf(hf_dirs["qwen3-yarn"]), "triton"))["Rotary"] == n
 
 
 # -- tensor parallelism -----------------------------------------------------------------------------
@@ -264,8 +271,8 @@ def test_unsupported_model_type_and_rope_type_name_the_file_and_key(hf_dirs, tmp
     for name, bad, match in (
         ("phi", dict(config, model_type="phi3", architectures=["Phi3ForCausalLM"]),
          r"phi/config.json: model_type='phi3' .*is not supported"),
-        ("yarn", dict(config, rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}),
-         r"yarn/config.json: rope_scaling.rope_type='yarn' is not supported"),
+        ("longrope", dict(config, rope_parameters={"rope_type": "longrope", "rope_theta": 1e4, "factor": 4.0}),
+         r"longrope/config.json: rope_scaling.rope_type='longrope' is not supported"),
         ("v4-dynamic", dict({k: v for k, v in config.items() if k != "rope_parameters"}, rope_theta=1e4,
                             rope_scaling={"type": "dynamic", "factor": 2.0}),
          r"v4-dynamic/config.json: rope_scaling.rope_type='dynamic'"),
@@ -301,3 +308,54 @@ def test_export_refuses_flags_the_family_cannot_express(tmp_path):
         cfg = ModelConfig(n_layers=1, dim=32, n_heads=2, n_kv_heads=1, ffn_dim=64, vocab_size=128, **flags)
         with pytest.raises(ValueError, match=match):
             export_hf(build_model(cfg).state_dict(), cfg, tmp_path / "out")
+
+
+# -- a stage end to end -----------------------------------------------------------------------------
+
+
+@pytest.mark.distributed
+def test_sft_of_a_command_r_model_exports_a_cohere_directory(tiny_corpus, single_process_group, tmp_path):
+    """Fine-tuning starts from a CohereForCausalLM directory and exports one, with transformers computing
+    the fine-tuned model's logits (tied head, logit scale, LayerNorm, interleaved rotary kept)."""
+    from conftest import compose
+
+    from tanuki import sft as stage
+    from tanuki.checkpoint import consolidate_checkpoint
+    from tanuki.hf import copy_tokenizer_files
+    from tanuki.model import Transformer
+    from tanuki.parallel.env import DistEnv
+    from tanuki.sft import SFTConfig
+    from tanuki.tokenizer import sample_data_path
+
+    config = transformers.CohereConfig(vocab_size=1280, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                       logit_scale=0.25, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
+                                       pad_token_id=0)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(tmp_path / "base")
+    copy_tokenizer_files(tiny_corpus["tokenizer"], tmp_path / "base")
+    lines = sample_data_path("sft.jsonl").read_text(encoding="utf-8").splitlines()[:64]
+    (tmp_path / "chat.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    overrides = [f"init={tmp_path / 'base'}", f"data.path={tmp_path / 'chat.jsonl'}", f"run.dir={tmp_path / 'run'}",
+                 "train.seq_len=64", "train.micro_batch_size=2", "train.global_batch_size=4", "train.max_steps=2",
+                 "train.lr=3e-3", "train.min_lr=3e-4", "train.warmup_steps=1", "train.eval_every=0",
+                 "logging.every=1", "logging.wandb.mode=disabled", "checkpoint.every=100", "train.precision=fp32",
+                 "kernels=torch", "export.dtype=float32"]
+    env = DistEnv(0, 1, 0, "single")
+    prep = stage.prepare(from_dict(SFTConfig, compose("sft", overrides)), env)
+    result = stage.run(prep, env, (tmp_path / "run").resolve(), print_fn=lambda line: None)
+
+    hf_dir = tmp_path / "run" / "hf"
+    written = json.loads((hf_dir / "config.json").read_text())
+    assert written["architectures"] == ["CohereForCausalLM"] and written["logit_scale"] == 0.25
+    assert written["tie_word_embeddings"] is True
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    assert type(hf).__name__ == "CohereForCausalLM"
+    cfg, sd = consolidate_checkpoint(result.last_checkpoint)
+    assert cfg.family == "cohere" and cfg.tie_embeddings
+    model = Transformer(cfg).eval()
+    model.load_state_dict(sd, strict=False)
+    batch = torch.randint(3, 1280, (1, 12), generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(hf_logits(hf, batch), ours(model, batch), **TOL)
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32).eval()
+    assert (hf_logits(base, batch) - hf_logits(hf, batch)).abs().max() > 1e-3  # it was trained
