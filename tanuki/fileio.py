@@ -141,6 +141,9 @@ class WriteError(OSError):
     """Writing an output failed (the disk is full, a read-only file system, no permission): the message
     names the output and the cause; nothing complete-looking was left behind."""
 
+    def __str__(self) -> str:  # the message alone, without OSError's "[Errno N]"
+        return self.strerror or super().__str__()
+
 
 _WRITE_CAUSES = {
     errno.ENOSPC: "the disk is full (ENOSPC)",
