@@ -7,6 +7,7 @@ The order is fixed and written once, in :func:`build_training_model`:
       -> kernel swap (Triton modules where their op matches)
       -> LoRA adapters (before sharding: adapters of a TP model are not supported)
       -> tensor parallelism (shard by parameter name, TP regions, vocabulary-parallel embedding)
+      -> the chunked output head (``train.loss_chunk_size``: the loss without the full logits)
       -> frozen (the DPO reference) or activation checkpointing
       -> the facts DeepSpeed reads from the module (``universal_checkpoint_info``)
 
@@ -25,6 +26,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from tanuki.chunked_loss import use_chunked_head
 from tanuki.config import ModelConfig, ParallelConfig, TrainConfig
 from tanuki.fused import apply_kernels
 from tanuki.hf import import_hf
@@ -113,6 +115,9 @@ def build_training_model(
         module = apply_lora(module, lora, seed=seed)
     if groups.tp > 1:
         module = apply_tensor_parallel(module, groups, parallel.sp)
+    if train.loss_chunk_size > 0:
+        # the head computes the loss a chunk of tokens at a time when given labels (after TP: its hooks stay)
+        use_chunked_head(module.head, train.loss_chunk_size)
     checkpointing = train.activation_checkpointing and not frozen
     if frozen:
         for p in module.parameters():

@@ -395,6 +395,9 @@ class TrainConfig:
     grad_clip: float = 1.0
     #: PaLM z-loss coefficient (llm-jp-3: 1e-4); 0 = off
     z_loss: float = 0.0
+    #: tokens per chunk of the output head + loss (tanuki/chunked_loss.py): the (tokens, vocabulary)
+    #: logits are never materialised; 0 = full logits (the plain path, kept for comparison)
+    loss_chunk_size: int = 1024
     #: auto = bf16 on GPU, fp32 on CPU
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     #: validation every this many steps and at the end (0: only at the end; needs validation data)
@@ -423,6 +426,7 @@ class TrainConfig:
         require(all(0 <= b < 1 for b in self.betas), "train.betas", "each beta must be in [0, 1)")
         require(self.grad_clip >= 0, "train.grad_clip", "must be >= 0")
         require(self.z_loss >= 0, "train.z_loss", "must be >= 0")
+        require(self.loss_chunk_size >= 0, "train.loss_chunk_size", "must be >= 0 (0: full logits)")
         require(self.eval_every >= 0, "train.eval_every", "must be >= 0")
         require(self.eval_iters >= 0, "train.eval_iters", "must be >= 0")
         require(self.max_skipped_steps >= 1, "train.max_skipped_steps", "must be >= 1")

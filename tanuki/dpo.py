@@ -37,6 +37,7 @@ from tanuki.data.preference import PreferenceDataConfig, PreferenceDataLoader, b
 from tanuki.hf import import_hf, training_vocab_size
 from tanuki.info import flops_per_token
 from tanuki.lora import LoraConfig, adapters_disabled, count_trainable_parameters
+from tanuki.chunked_loss import has_chunked_head
 from tanuki.losses import chosen_nll, dpo_loss, dpo_metrics, sequence_logps
 from tanuki.parallel.env import DistEnv
 from tanuki.parallel.zero import build_engine
@@ -123,9 +124,11 @@ def prepare(cfg: DPOConfig, env: DistEnv) -> PreparedDPO:
 
 def pair_logps(model, batch: dict[str, torch.Tensor], *, average: bool, vocab_limit, vocab_parallel):
     """Summed (or per-token averaged) completion log-probs of the ``2b`` rows, and their token counts."""
-    logits = model(batch["tokens"], positions=batch["positions"])
-    return sequence_logps(logits, batch["labels"], average=average, vocab_limit=vocab_limit,
-                          vocab_parallel=vocab_parallel)
+    kw = dict(average=average, vocab_limit=vocab_limit, vocab_parallel=vocab_parallel)
+    if has_chunked_head(model):  # the head computes the log-probs a chunk at a time: no full logits
+        return model(batch["tokens"], positions=batch["positions"], labels=batch["labels"],
+                     head_kwargs=dict(logps=True, **kw))
+    return sequence_logps(model(batch["tokens"], positions=batch["positions"]), batch["labels"], **kw)
 
 
 def dpo_step(model, batch: dict[str, torch.Tensor], *, loss: LossConfig, reference: Callable, vocab_limit,

@@ -592,7 +592,9 @@ class Transformer(nn.Module):
         positions: Optional[torch.Tensor] = None,
         segment_ids: Optional[torch.Tensor] = None,
         cache: Optional[list[KVCache]] = None,
-    ) -> torch.Tensor:
+        labels: Optional[torch.Tensor] = None,
+        head_kwargs: Optional[dict] = None,
+    ):
         """Logits ``(B, T, vocab_size)`` for ``tokens`` ``(B, T)``.
 
         Args:
@@ -600,8 +602,17 @@ class Transformer(nn.Module):
             segment_ids: ``(B, T)`` ids of packed samples: attention stays causal *within* equal ids
                 (block-diagonal causal mask), so several samples share one row without seeing each other.
             cache: one :class:`KVCache` per layer for incremental decoding.
+            labels: ``(B, T)`` targets for a head that computes its loss itself, a chunk of tokens at a
+                time (``tanuki.chunked_loss.ChunkedLMHead``): what it returns is returned instead of the
+                logits, which then never exist whole. ``head_kwargs`` go to that head.
         """
-        logits = self.head(self.hidden_states(tokens, positions, segment_ids, cache))
+        h = self.hidden_states(tokens, positions, segment_ids, cache)
+        if labels is not None:
+            # The head is linear without bias: (W h) * s = W (h * s), so the logit scale goes first.
+            if self.cfg.logit_scale != 1.0:
+                h = h * self.cfg.logit_scale
+            return self.head(h, labels, **(head_kwargs or {}))
+        logits = self.head(h)
         if self.cfg.logit_scale != 1.0:
             logits = logits * self.cfg.logit_scale
         return logits

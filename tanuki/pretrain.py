@@ -27,7 +27,8 @@ from tanuki.fileio import check_output_dir
 from tanuki.fused import kernel_summary
 from tanuki.hf import export_hf, training_vocab_size
 from tanuki.info import flops_per_token
-from tanuki.losses import causal_lm_loss
+from tanuki.chunked_loss import has_chunked_head
+from tanuki.losses import LossOutput, causal_lm_loss
 from tanuki.model import moe_losses, param_counts_formula
 from tanuki.parallel.env import DistEnv
 from tanuki.parallel.tensor_parallel import TPBroadcastLoader
@@ -95,8 +96,11 @@ def lm_step(model, batch: dict[str, torch.Tensor], *, z_loss: float, vocab_limit
     ``vocab_parallel`` says which vocabulary slice this rank's logits are under tensor parallelism.
     """
     tokens = batch["tokens"]
-    logits = model(tokens[:, :-1])
-    out = causal_lm_loss(logits, tokens[:, 1:], z_loss=z_loss, vocab_limit=vocab_limit, vocab_parallel=vocab_parallel)
+    kw = dict(z_loss=z_loss, vocab_limit=vocab_limit, vocab_parallel=vocab_parallel)
+    if has_chunked_head(model):  # the head computes the loss a chunk at a time: no full logits
+        out = LossOutput(*model(tokens[:, :-1], labels=tokens[:, 1:], head_kwargs=kw))
+    else:
+        out = causal_lm_loss(model(tokens[:, :-1]), tokens[:, 1:], **kw)
     stats = {"loss": out.ce}
     if z_loss > 0:
         stats["z_loss"] = out.z

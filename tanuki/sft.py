@@ -30,7 +30,8 @@ from tanuki.hf import export_hf, import_hf, read_hf_config, training_vocab_size,
 from tanuki.info import flops_per_token
 from tanuki.lisa import LisaConfig, LisaScheduler
 from tanuki.lora import LoraConfig, count_trainable_parameters, merge_lora_state_dict, save_peft_adapter
-from tanuki.losses import causal_lm_loss
+from tanuki.chunked_loss import has_chunked_head
+from tanuki.losses import LossOutput, causal_lm_loss
 from tanuki.model import moe_losses
 from tanuki.parallel.env import DistEnv
 from tanuki.parallel.zero import build_engine
@@ -132,10 +133,17 @@ def sft_step(model, batch: dict[str, torch.Tensor], *, z_loss: float, vocab_limi
     is cheaper and gives the same loss.
     """
     tokens = batch["tokens"]
+    segments = batch["segment_ids"] if packed else None
+    kw = dict(z_loss=z_loss, vocab_limit=vocab_limit, normalizer=batch.get("loss_normalizer"),
+              vocab_parallel=vocab_parallel)
     with torch.autocast(tokens.device.type, dtype=autocast, enabled=autocast is not None):
-        logits = model(tokens, positions=batch["positions"], segment_ids=batch["segment_ids"] if packed else None)
-    out = causal_lm_loss(logits, batch["labels"], z_loss=z_loss, vocab_limit=vocab_limit,
-                         normalizer=batch.get("loss_normalizer"), vocab_parallel=vocab_parallel)
+        if has_chunked_head(model):  # the head computes the loss a chunk at a time: no full logits
+            out = LossOutput(*model(tokens, positions=batch["positions"], segment_ids=segments,
+                                    labels=batch["labels"], head_kwargs=kw))
+        else:
+            logits = model(tokens, positions=batch["positions"], segment_ids=segments)
+    if not has_chunked_head(model):
+        out = causal_lm_loss(logits, batch["labels"], **kw)
     router_loss, router_stats = moe_losses(model)  # (0, {}) for a dense model
     return StepOutput(loss=out.loss + router_loss, stats={"loss": out.ce, **router_stats})
 
