@@ -262,13 +262,14 @@ def load_rng_state(path: Path) -> dict:
     return load_pt(path, CheckpointError)
 
 
-def check_checkpoint_files(checkpoint: Path) -> None:
-    """Read every ``.pt`` file of ``checkpoint`` (DeepSpeed's shards, the RNG files) safely and memory-
-    mapped (only the pickled structure, not the tensor bytes), before anything loads them: a crafted file
-    (a pickle that would run code) or a truncated one raises :class:`CheckpointError` naming it."""
+def check_checkpoint_files(checkpoint: Path, recursive: bool = False) -> None:
+    """Read every ``.pt`` file of ``checkpoint`` (DeepSpeed's shards, the RNG files; with ``recursive``
+    also those of subdirectories, as in a universal checkpoint) safely and memory-mapped (only the
+    pickled structure, not the tensor bytes), before anything loads them: a crafted file (a pickle that
+    would run code) or a truncated one raises :class:`CheckpointError` naming it."""
     from tanuki.fileio import load_pt
 
-    for f in sorted(Path(checkpoint).glob("*.pt")):
+    for f in sorted(Path(checkpoint).rglob("*.pt") if recursive else Path(checkpoint).glob("*.pt")):
         load_pt(f, CheckpointError, mmap=True)
 
 

@@ -34,6 +34,7 @@ from torch import nn
 from tanuki.checkpoint import (
     CheckpointError,
     ResumePlan,
+    check_checkpoint_files,
     latest_checkpoint,
     load_rng_state,
     rng_file,
@@ -206,6 +207,7 @@ def load_resume(plan: ResumePlan, stage: Stage, env: DistEnv, run_dir: Path, *, 
     if plan.universal:
         # Written on another TP/DP shape: load DeepSpeed's universal form of it (made once, by rank 0).
         load_from = ensure_universal(plan.checkpoint, env.is_main, engine.device)
+        check_checkpoint_files(load_from, recursive=True)  # DeepSpeed reads these with torch.load itself
     # The engine's checkpoint engine reads with weights_only=True (tanuki.parallel.zero); the context
     # also covers DeepSpeed's direct torch.load calls (the universal checkpoint readers).
     with safe_torch_loads():

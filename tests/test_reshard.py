@@ -119,3 +119,26 @@ def test_universal_checkpoint_info_names_the_join_of_every_parameter():
         row = [p for p in info["parameter_with_row_parallelism_patterns"] if re.match(p, name)]
         assert len(replicated) == (split_dim(name) is None), name
         assert len(row) == (split_dim(name) == 1), name
+
+
+def test_a_crafted_file_in_the_universal_checkpoint_is_refused_before_deepspeed_reads_it(tiny_corpus, tmp_path):
+    """DeepSpeed's universal loader calls torch.load itself: the converted files are checked first."""
+    import builtins
+
+    import torch
+
+    from tanuki.parallel.reshard import convert_to_universal
+
+    class Payload:
+        def __reduce__(self):
+            return builtins.open, (str(tmp_path / "marker"), "w")
+
+    run_ranks(train_on_rank, 1, tiny_corpus, str(tmp_path / "original"), ["parallel.zero_stage=1"])
+    step2 = tmp_path / "original" / "checkpoints" / "step_00000002"
+    universal = convert_to_universal(step2)
+    bad = sorted((universal / "zero").glob("*/fp32.pt"))[0]
+    torch.save({"param": Payload()}, bad)
+    with pytest.raises(AssertionError) as e:
+        run_ranks(train_on_rank, 2, tiny_corpus, str(tmp_path / "resumed"), ["parallel.zero_stage=1", f"resume={step2}"])
+    assert f"{bad}: refused to load" in str(e.value)
+    assert not (tmp_path / "marker").exists()
