@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from tanuki.checkpoint import consolidate_checkpoint, plan_resume, resolve_check
 from tanuki.config import ConfigError, PretrainConfig, pad_vocab_size, to_dict
 from tanuki.data import DataLoader, build_pretrain_datasets
 from tanuki.data.blend import open_prefix
+from tanuki.data.preprocess import check_bos_convention
 from tanuki.fused import kernel_summary
 from tanuki.hf import export_hf, training_vocab_size
 from tanuki.info import flops_per_token
@@ -65,6 +67,9 @@ def prepare(cfg: PretrainConfig, env: DistEnv) -> Prepared:
         raise ConfigError("data.prefixes", "is required: data.prefixes=[PREFIX,...] (from launch/preprocess.py)")
     for i, prefix in enumerate(cfg.data.prefixes):
         open_prefix(prefix, f"data.prefixes[{i}]")
+    # the BOS convention of the datasets (their PREFIX.json), against each other and the tokenizer
+    for message in check_bos_convention([*cfg.data.prefixes, *cfg.data.valid_prefixes], cfg.tokenizer.path):
+        warnings.warn(message, stacklevel=2)
     return Prepared(cfg, vocab, plumbing.check_layout(cfg, env))
 
 
