@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from tanuki.config import ConfigError, PretrainConfig, pad_vocab_size, to_dict
 from tanuki.data import DataLoader, build_pretrain_datasets
 from tanuki.data.blend import open_prefix
 from tanuki.data.indexed import token_id_range
+from tanuki.data.preprocess import check_bos_convention
 from tanuki.fileio import check_output_dir
 from tanuki.fused import kernel_summary
 from tanuki.hf import export_hf, training_vocab_size
@@ -70,6 +72,9 @@ def prepare(cfg: PretrainConfig, env: DistEnv) -> Prepared:
         for i, prefix in enumerate(prefixes):
             open_prefix(prefix, f"{key}[{i}]")
             check_token_ids(prefix, f"{key}[{i}]", vocab, cfg.tokenizer.path)
+    # the BOS convention of the datasets (their PREFIX.json), against each other and the tokenizer
+    for message in check_bos_convention([*cfg.data.prefixes, *cfg.data.valid_prefixes], cfg.tokenizer.path):
+        warnings.warn(message, stacklevel=2)
     return Prepared(cfg, vocab, plumbing.check_layout(cfg, env))
 
 

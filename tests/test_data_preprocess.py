@@ -20,8 +20,8 @@ import pytest
 from tanuki.config import ConfigError
 from tanuki.data.config import PreprocessConfig
 from tanuki.data.indexed import IndexedDataset
-from tanuki.data.preprocess import PreprocessError, preprocess
-from tanuki.textio import CorpusError
+from tanuki.data.preprocess import PreprocessError, check_bos_convention, preprocess, read_dataset_metadata
+from tanuki.textio import CorpusError, iter_documents
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -95,18 +95,20 @@ def test_megatron_reads_exactly_the_tokenizer_ids(corpus, tmp_path):
     assert len(m) == 400 and m.index.dtype == np.uint16
     total = 0
     for i, text in enumerate(corpus["texts"]):
-        expected = tok(text, add_special_tokens=False).input_ids + [tok.eos_token_id]
+        # bos=auto: the tokenizer adds BOS, so a document is what tokenizer(text) gives, then EOS
+        expected = tok(text).input_ids + [tok.eos_token_id]
+        assert expected[0] == tok.bos_token_id
         assert m[i].tolist() == expected
         total += len(expected)
     assert summary.tokens == total
-    assert leftovers(tmp_path) == ["out.bin", "out.idx"]
+    assert leftovers(tmp_path) == ["out.bin", "out.idx", "out.json"]
 
 
 def test_one_and_two_workers_are_byte_identical(corpus, tmp_path):
     preprocess(cfg_for(corpus, tmp_path / "w1", workers=1, batch_size=7))
     preprocess(cfg_for(corpus, tmp_path / "w2", workers=2, batch_size=7))
     preprocess(cfg_for(corpus, tmp_path / "w2b", workers=2, batch_size=64))
-    for ext in ("bin", "idx"):
+    for ext in ("bin", "idx", "json"):
         ref = (tmp_path / f"w1.{ext}").read_bytes()
         assert (tmp_path / f"w2.{ext}").read_bytes() == ref
         assert (tmp_path / f"w2b.{ext}").read_bytes() == ref
@@ -131,7 +133,7 @@ def test_append_eos_off_and_min_chars(corpus, tmp_path):
     from tanuki.tokenizer import load
 
     tok = load(corpus["tokenizer"])
-    s = preprocess(cfg_for(corpus, tmp_path / "o", append_eos=False, min_chars=60))
+    s = preprocess(cfg_for(corpus, tmp_path / "o", append_eos=False, min_chars=60, bos=False))
     kept = [t for t in corpus["texts"] if len(t) >= 60]
     assert s.skipped == {"short": 400 - len(kept)} and s.documents == len(kept)
     ds = IndexedDataset(tmp_path / "o")
@@ -312,7 +314,7 @@ def test_cli_and_data_info_end_to_end(corpus, tmp_path):
     )
     assert info.returncode == 0, info.stderr
     # Hydra writes no outputs/ or log files, and data_info caches nothing
-    assert sorted(p.name for p in tmp_path.rglob("*")) == ["data", "sample.bin", "sample.idx"]
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["data", "sample.bin", "sample.idx", "sample.json"]
     ds = IndexedDataset(out)
     assert f"documents {ds.num_documents:,}  tokens {ds.num_tokens:,}" in info.stdout
     assert "100.00%" in info.stdout and "--- sample 0 (from [0]) ---" in info.stdout
@@ -356,3 +358,70 @@ def test_the_documented_input_list_forms_reach_every_file(tmp_path):
         assert [str(p) for p in expand_inputs(cfg.input)] == [str(a), str(b)], override
     with pytest.raises((ConfigCompositionException, OverrideParseException, ValueError)):
         compose("preprocess", [f"input={a},{b}"])
+
+# -- the BOS convention ---------------------------------------------------------------------------
+
+
+def test_documents_of_the_sample_corpus_are_what_tokenizer_text_gives(corpus, tmp_path):
+    """Megatron's preprocess_data.py with a Hugging Face tokenizer and --append-eod writes
+    tokenizer(text).input_ids + [EOS]; so does tanuki by default (bos=auto)."""
+    from tanuki.tokenizer import load, sample_data_path
+
+    docs = [d.text for d in iter_documents(sample_data_path())][:300]
+    write_jsonl(tmp_path / "sample.jsonl", docs)
+    preprocess(PreprocessConfig(input=str(tmp_path / "sample.jsonl"), tokenizer=corpus["tokenizer"],
+                                output_prefix=str(tmp_path / "s"), progress=False))
+    tok = load(corpus["tokenizer"])
+    ds = IndexedDataset(tmp_path / "s")
+    assert ds.num_documents == len(docs)
+    for i, text in enumerate(docs):
+        assert ds.document(i).tolist() == tok(text).input_ids + [tok.eos_token_id], i
+    meta = read_dataset_metadata(tmp_path / "s")
+    assert meta["bos"] is True and meta["bos_id"] == tok.bos_token_id == 1
+    assert meta["eos"] is True and meta["eos_id"] == tok.eos_token_id
+    assert meta["tokenizer_adds_bos"] is True
+
+
+def test_bos_true_false_and_a_tokenizer_without_bos(corpus, big_vocab_tokenizer, tmp_path):
+    from tanuki.tokenizer import load
+
+    tok = load(corpus["tokenizer"])
+    preprocess(cfg_for(corpus, tmp_path / "no", bos=False))
+    preprocess(cfg_for(corpus, tmp_path / "yes", bos=True))
+    no, yes = IndexedDataset(tmp_path / "no"), IndexedDataset(tmp_path / "yes")
+    for i in (0, 1, 399):
+        assert no.document(i).tolist() == tok(corpus["texts"][i], add_special_tokens=False).input_ids + [2]
+        assert yes.document(i).tolist() == [1, *no.document(i).tolist()]
+    assert read_dataset_metadata(tmp_path / "no")["bos"] is False
+    # a tokenizer whose post-processor adds nothing: auto writes no BOS; true is an error without one
+    cfg = PreprocessConfig(input=str(big_vocab_tokenizer / "words.jsonl"), tokenizer=str(big_vocab_tokenizer),
+                           output_prefix=str(tmp_path / "w"), progress=False, dtype="int32")
+    preprocess(cfg)
+    assert read_dataset_metadata(tmp_path / "w")["bos"] is False
+    with pytest.raises(PreprocessError, match="has no BOS token; set bos=false"):
+        preprocess(replace(cfg, bos=True, output_prefix=str(tmp_path / "w2")))
+
+
+def test_pretraining_warns_when_datasets_disagree_on_bos(corpus, tmp_path):
+    preprocess(cfg_for(corpus, tmp_path / "auto"))
+    preprocess(cfg_for(corpus, tmp_path / "none", bos=False))
+    preprocess(cfg_for(corpus, tmp_path / "old"))
+    (tmp_path / "old.json").unlink()  # as written before tanuki recorded the convention
+    tok = corpus["tokenizer"]
+    assert check_bos_convention([tmp_path / "auto"], tok) == []
+    both = check_bos_convention([tmp_path / "auto", tmp_path / "none"], tok)
+    assert len(both) == 2 and "disagree on BOS" in both[0] and "none has no BOS but the tokenizer" in both[1]
+    (old,) = check_bos_convention([tmp_path / "old"], tok)
+    assert "without PREFIX.json" in old
+
+    from conftest import compose
+
+    from tanuki import pretrain
+    from tanuki.config import PretrainConfig, from_dict
+    from tanuki.parallel.env import DistEnv
+
+    cfg = from_dict(PretrainConfig, compose("pretrain", [f"data.prefixes=[{tmp_path / 'auto'},{tmp_path / 'none'}]",
+                                                         f"tokenizer.path={tok}", "model.vocab_size=896"]))
+    with pytest.warns(UserWarning) as caught:
+        pretrain.prepare(cfg, DistEnv(0, 1, 0, "single"))
+    assert [str(w.message) for w in caught] == both

@@ -463,3 +463,17 @@ def test_report_counts_the_characters_a_converted_bpe_without_byte_fallback_drop
     from tanuki.tokenizer.report import format_summary
 
     assert f"loses {expected:,} characters" in format_summary(report)
+
+
+def test_rewrite_tokenizer_json_reproduces_the_builders_file(tok_dir, tmp_path):
+    # what a tokenizer built before the special-token fix needs: tokenizer.json written again
+    from tanuki.tokenizer.convert import rewrite_tokenizer_json
+
+    for name in ("tokenizer.model", "report.json"):
+        (tmp_path / name).write_bytes((tok_dir / name).read_bytes())
+    old = json.loads((tok_dir / "tokenizer.json").read_text())
+    for t in old["added_tokens"]:  # as the earlier conversion wrote them
+        t["normalized"] = False
+    (tmp_path / "tokenizer.json").write_text(json.dumps(old))
+    rewrite_tokenizer_json(str(tmp_path))
+    assert json.loads((tmp_path / "tokenizer.json").read_text()) == json.loads((tok_dir / "tokenizer.json").read_text())

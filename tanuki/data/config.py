@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Union
 
 from tanuki.config import require
 
@@ -90,6 +90,11 @@ class PreprocessConfig:
     txt_mode: Literal["line", "paragraph"] = "line"
     #: append the tokenizer's end-of-document token to every document (Megatron's ``--append-eod``)
     append_eos: bool = True
+    #: start every document with the tokenizer's BOS: auto = when the tokenizer adds one
+    #: (``tokenizer(text)`` in transformers, lm-evaluation-harness and Megatron's preprocess_data.py,
+    #: as for tanuki's tokenizers), so a document is ``tokenizer(text).input_ids + [EOS]``; true / false
+    #: force it. Recorded in ``PREFIX.json`` and checked by pretraining.
+    bos: Union[Literal["auto"], bool] = "auto"
     #: skip documents shorter than this many characters (counted as "short")
     min_chars: int = 0
     #: bad input lines: ``fail`` (stop, naming file and line) or ``skip`` (count by reason)

@@ -6,10 +6,19 @@ input order, so the output does not depend on the number of workers (it is byte-
 a few batches per worker are in flight, which bounds memory however large the corpus is.
 
 Each document becomes one sequence of the output (Megatron's ``preprocess_data.py`` without sentence
-splitting), followed by the end-of-document token when ``append_eos`` is set (Megatron's
-``--append-eod``). Files are written as ``PREFIX.bin.partial-PID`` / ``PREFIX.idx.partial-PID`` and
-renamed to ``PREFIX.bin`` / ``PREFIX.idx`` only after every document was written and both files were
-flushed; the ``.idx`` is renamed last. A run that stops early (an error, Ctrl-C, ``kill``) therefore
+splitting): the tokenizer's BOS when ``bos`` says so, the text's ids, and the end-of-document token
+when ``append_eos`` is set (Megatron's ``--append-eod``). By default (``bos: auto``) a document is
+what the field writes, ``tokenizer(text).input_ids + [EOS]`` (Megatron with ``--tokenizer-type
+HuggingFaceTokenizer``, llm-jp): BOS exactly when the tokenizer's post-processor adds one (tanuki's
+does). Literal special-token text inside a document stays text (FastEncoder), where the Hugging Face
+call would read it as a control token.
+
+``PREFIX.json`` records the convention (:func:`dataset_metadata`): BOS and EOS and their ids, the
+tokenizer; pretraining warns when its datasets disagree with each other or with the tokenizer
+(:func:`check_bos_convention`). Files are written as ``PREFIX.bin.partial-PID`` /
+``PREFIX.json.partial-PID`` / ``PREFIX.idx.partial-PID`` and renamed to ``PREFIX.bin`` /
+``PREFIX.json`` / ``PREFIX.idx`` only after every document was written and the files were flushed;
+the ``.idx`` is renamed last. A run that stops early (an error, Ctrl-C, ``kill``) therefore
 never leaves a pair that looks like a finished dataset.
 """
 
@@ -17,6 +26,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import json
 import multiprocessing as mp
 import os
 import signal
@@ -95,10 +105,11 @@ class PreprocessSummary:
 _encoder = None
 _dtype: np.dtype = np.dtype(np.uint16)
 _eos: int | None = None
+_bos: int | None = None
 
 
-def _init_encoder(tokenizer_dir: str, dtype: str, eos: int | None, in_worker: bool) -> None:
-    global _encoder, _dtype, _eos
+def _init_encoder(tokenizer_dir: str, dtype: str, eos: int | None, in_worker: bool, bos: int | None = None) -> None:
+    global _encoder, _dtype, _eos, _bos
     # One core per encoder: the Rust tokenizer would otherwise start a thread per core in every
     # worker, and `workers` would no longer say how many cores the run uses.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
@@ -111,11 +122,15 @@ def _init_encoder(tokenizer_dir: str, dtype: str, eos: int | None, in_worker: bo
     _encoder = FastEncoder(tokenizer_dir)
     _dtype = np.dtype(dtype)
     _eos = eos
+    _bos = bos
 
 
 def _encode_batch(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Token ids of ``texts`` concatenated (EOS after each when configured), and each document's length."""
+    """Token ids of ``texts`` concatenated (BOS before and EOS after each when configured), and each
+    document's length."""
     ids = _encoder.encode_batch(texts)
+    if _bos is not None:
+        ids = [[_bos, *seq] for seq in ids]
     if _eos is not None:
         for seq in ids:
             seq.append(_eos)
@@ -132,8 +147,10 @@ def _encode_batch(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
 class _ShardedOutput:
     """Writes shards ``PREFIX`` (or ``PREFIX_00000``, ... with a shard size) under temporary names."""
 
-    def __init__(self, prefix: str, dtype: np.dtype, shard_size: int):
+    def __init__(self, prefix: str, dtype: np.dtype, shard_size: int, metadata: dict | None = None):
         self.prefix, self.dtype, self.shard_size = prefix, dtype, shard_size
+        #: written as PREFIX.json beside every shard
+        self.metadata = metadata or {}
         self.done: list[str] = []
         self.partial: list[Path] = []
         self.writer: IndexedDatasetWriter | None = None
@@ -186,10 +203,14 @@ class _ShardedOutput:
         self._close()
         tag = f".partial-{os.getpid()}"
         for name in self.done:
-            final_bin, final_idx = bin_path(name), idx_path(name)
+            final_bin, final_idx, final_json = bin_path(name), idx_path(name), metadata_path(name)
+            tmp_json = Path(f"{final_json}{tag}")
+            self.partial.append(tmp_json)
+            tmp_json.write_text(json.dumps(self.metadata, indent=2) + "\n", encoding="utf-8")
             # Drop an old index before replacing its data, so no moment pairs an old .idx with a new .bin.
             final_idx.unlink(missing_ok=True)
             os.replace(f"{final_bin}{tag}", final_bin)
+            os.replace(tmp_json, final_json)
             os.replace(f"{final_idx}{tag}", final_idx)
         self.partial = []
         return list(self.done)
@@ -281,6 +302,8 @@ def preprocess(cfg: PreprocessConfig) -> PreprocessSummary:
         eos = probe.eos_id
         if eos is None or eos < 0:  # the encoder reports a missing token as -1
             raise PreprocessError(f"tokenizer {cfg.tokenizer} has no end-of-document token; set append_eos=false")
+    bos = resolve_bos(cfg.bos, cfg.tokenizer, probe.bos_id)
+    metadata = dataset_metadata(cfg.tokenizer, bos=bos, eos=eos, vocab_size=probe.vocab_size)
     del probe
     Path(cfg.output_prefix).parent.mkdir(parents=True, exist_ok=True)
 
@@ -296,7 +319,7 @@ def preprocess(cfg: PreprocessConfig) -> PreprocessSummary:
                 continue
             yield doc.text
 
-    out = _ShardedOutput(cfg.output_prefix, dtype, cfg.shard_size)
+    out = _ShardedOutput(cfg.output_prefix, dtype, cfg.shard_size, metadata)
     progress = _Progress(cfg.progress)
     pool = None
     # `kill` (SIGTERM) should clean up like Ctrl-C does; SIGKILL cannot be caught, and the partial
@@ -305,11 +328,11 @@ def preprocess(cfg: PreprocessConfig) -> PreprocessSummary:
     try:
         batches = _batches(texts(), cfg.batch_size)
         if cfg.workers == 1:
-            _init_encoder(cfg.tokenizer, dtype.str, eos, in_worker=False)
+            _init_encoder(cfg.tokenizer, dtype.str, eos, in_worker=False, bos=bos)
             results: Iterator = map(_encode_batch, batches)
         else:
             ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-            pool = ctx.Pool(cfg.workers, initializer=_init_encoder, initargs=(cfg.tokenizer, dtype.str, eos, True))
+            pool = ctx.Pool(cfg.workers, initializer=_init_encoder, initargs=(cfg.tokenizer, dtype.str, eos, True, bos))
             results = _ordered_map(pool, _encode_batch, batches, cfg.workers * _IN_FLIGHT_PER_WORKER)
         for tokens, lengths in results:
             out.add(tokens, lengths)
@@ -360,3 +383,101 @@ def _raise_on_sigterm():
 def _restore_sigterm(previous) -> None:
     if previous is not None:
         signal.signal(signal.SIGTERM, previous)
+
+
+# --------------------------------------------------------------------------------------------------
+# The BOS convention and the dataset's metadata (PREFIX.json)
+# --------------------------------------------------------------------------------------------------
+
+#: ``format`` of PREFIX.json
+METADATA_FORMAT = "tanuki.dataset"
+
+
+def metadata_path(prefix: str | os.PathLike) -> Path:
+    """``PREFIX.json``: how the documents of ``PREFIX.bin`` were written."""
+    return Path(f"{os.fspath(prefix)}.json")
+
+
+def tokenizer_bos_id(tokenizer_dir: str | os.PathLike) -> int | None:
+    """The id the tokenizer's post-processor puts before a text (its BOS, what ``tokenizer(text)``
+    starts with in transformers), or None when it adds nothing in front."""
+    from tokenizers import Tokenizer
+
+    path = Path(tokenizer_dir) / "tokenizer.json"
+    if not path.is_file():
+        return None
+    tok = Tokenizer.from_file(str(path))
+    with_specials, plain = tok.encode("a").ids, tok.encode("a", add_special_tokens=False).ids
+    added = len(with_specials) - len(plain)
+    if added >= 1 and with_specials[added:] == plain:
+        return with_specials[0]
+    return None
+
+
+def resolve_bos(setting, tokenizer_dir: str, bos_id: int | None) -> int | None:
+    """The BOS id every document starts with for ``preprocess.bos`` (None: no BOS)."""
+    if setting == "auto":
+        return tokenizer_bos_id(tokenizer_dir)
+    if not setting:
+        return None
+    if bos_id is None or bos_id < 0:
+        raise PreprocessError(f"tokenizer {tokenizer_dir} has no BOS token; set bos=false (or auto)")
+    return bos_id
+
+
+def dataset_metadata(tokenizer_dir: str, *, bos: int | None, eos: int | None, vocab_size: int) -> dict:
+    """Contents of ``PREFIX.json``."""
+    return {
+        "format": METADATA_FORMAT,
+        "version": 1,
+        "bos": bos is not None,
+        "bos_id": bos,
+        "eos": eos is not None,
+        "eos_id": eos,
+        "tokenizer": os.path.abspath(tokenizer_dir),
+        "tokenizer_vocab_size": vocab_size,
+        "tokenizer_adds_bos": tokenizer_bos_id(tokenizer_dir) is not None,
+    }
+
+
+def read_dataset_metadata(prefix: str | os.PathLike) -> dict | None:
+    """``PREFIX.json``, or None for a dataset without one (written by tanuki before it recorded the
+    convention, in which case its documents have no BOS, or by another tool)."""
+    path = metadata_path(prefix)
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and data.get("format") == METADATA_FORMAT else None
+
+
+def check_bos_convention(prefixes, tokenizer_dir: str) -> list[str]:
+    """Warnings (empty when all is well) about the BOS convention of the datasets ``prefixes`` trained
+    with the tokenizer ``tokenizer_dir``: datasets that disagree with each other, or with the
+    tokenizer (it adds BOS, so a model trained without BOS is scored by other tools on inputs that
+    start with one, or the other way round)."""
+    tokenizer_bos = tokenizer_bos_id(tokenizer_dir)
+    known, unknown = {}, []
+    for prefix in prefixes:
+        meta = read_dataset_metadata(prefix)
+        if meta is None:
+            unknown.append(str(prefix))
+        else:
+            known[str(prefix)] = meta.get("bos_id") if meta.get("bos") else None
+    out = []
+    if len(set(known.values())) > 1:
+        listing = ", ".join(f"{p} ({'BOS ' + str(b) if b is not None else 'no BOS'})" for p, b in known.items())
+        out.append(f"the datasets disagree on BOS: {listing}; re-preprocess them with one preprocess.bos setting")
+    for prefix, bos in known.items():
+        if bos != tokenizer_bos:
+            has = f"starts documents with id {bos}" if bos is not None else "has no BOS"
+            wants = f"adds BOS {tokenizer_bos}" if tokenizer_bos is not None else "adds no BOS"
+            out.append(f"dataset {prefix} {has} but the tokenizer {tokenizer_dir} {wants} (tokenizer(text) in "
+                       "transformers / lm-evaluation-harness); re-preprocess with bos=auto")
+    if unknown and tokenizer_bos is not None:
+        out.append(f"{len(unknown)} dataset(s) without PREFIX.json ({', '.join(unknown[:3])}): written before tanuki "
+                   f"recorded its BOS convention (no BOS) or by another tool, while the tokenizer adds BOS "
+                   f"{tokenizer_bos}; re-preprocess them with bos=auto")
+    return out

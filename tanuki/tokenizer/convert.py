@@ -206,3 +206,23 @@ def _write_json(path: str, data: dict) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(data, f, ensure_ascii=False, indent=2)
         f.write("\n")
+
+
+def rewrite_tokenizer_json(tokenizer_dir: str) -> None:
+    """Write ``tokenizer.json`` again from the ``tokenizer.model`` and ``report.json`` of a directory
+    built by tanuki, with this module's conversion: for a tokenizer built before special tokens were
+    matched in the normalized text (ids of ordinary text and ``tokenizer.model`` do not change; the
+    text after a special token no longer gets a dummy prefix of its own). Atomic (temp file + rename)."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    with open(os.path.join(tokenizer_dir, "tokenizer.model"), "rb") as f:
+        proto = sentencepiece_model_pb2.ModelProto()
+        proto.ParseFromString(f.read())
+    with open(os.path.join(tokenizer_dir, "report.json"), encoding="utf-8") as f:
+        report = json.load(f)
+    s = report["special_tokens"]
+    specials = SpecialTokens(unk=s["unk"]["token"], bos=s["bos"]["token"], eos=s["eos"]["token"],
+                             pad=s["pad"]["token"], user_defined=tuple(t["token"] for t in s["user_defined"]))
+    path = os.path.join(tokenizer_dir, "tokenizer.json")
+    build_hf_tokenizer(proto, specials, report["normalization"]).save(path + ".tmp")
+    os.replace(path + ".tmp", path)
