@@ -16,9 +16,12 @@ layer keeps the SwiGLU tensors of each of the ``top_k`` experts a token visits (
 the gathered expert inputs and weighted outputs (``2h x top_k``); its router tensors are negligible. Fused
 attention kernels keep no T x T score matrix. The tensor-parallel parts are divided by ``tp``; the norm
 parts only with sequence parallelism (Korthikanti et al. 2022). With activation checkpointing each layer
-keeps only its input (2h bytes) and one layer's activations are live during recomputation. The loss
-adds about 10 bytes per vocabulary entry per token at its peak (bf16 logits, fp32 copy, fp32
-log-softmax).
+keeps only its input (2h bytes) and one layer's activations are live during recomputation. The head
+and loss with full logits (``train.loss_chunk_size=0``) add about 10 bytes per vocabulary entry per
+token at their peak (bf16 logits, fp32 copy, fp32 log-softmax). The chunked head (the default,
+:mod:`tanuki.chunked_loss`, strategy ``stored``) keeps instead the fp32 gradient of its input (4h bytes
+per token) and of its weight (4 x vocab x h bytes, once), and one chunk's fp32 logits, softmax and logit
+gradient (about 12 bytes per vocabulary entry for ``loss_chunk_size`` tokens).
 
 Fine-tuning (``init=<HF dir>``: the architecture of its ``config.json``; no weight is read). Full
 fine-tuning is the plan above. LoRA (Hu et al. 2021; ``method=lora``) trains ``r x (in + out)``
@@ -153,8 +156,17 @@ def model_state_bytes(params: int, gpus: int, tp: int, zero_stage: int) -> float
     return weights + grads + optim
 
 
+def head_loss_bytes(cfg: ModelConfig, tokens: int, tp: int = 1, loss_chunk_size: int = 0) -> float:
+    """Peak bytes of the output head + loss for ``tokens`` tokens (module docstring): full logits when
+    ``loss_chunk_size`` is 0, else the chunked head."""
+    vocab = cfg.vocab_size / tp
+    if loss_chunk_size <= 0:
+        return 10 * vocab * tokens
+    return 4 * cfg.dim * tokens + 4 * vocab * cfg.dim + 12 * vocab * min(loss_chunk_size, tokens)
+
+
 def activation_bytes(cfg: ModelConfig, micro_batch: int, seq_len: int, tp: int = 1, sp: bool = False,
-                     checkpointing: bool = False) -> float:
+                     checkpointing: bool = False, loss_chunk_size: int = 0) -> float:
     """Peak activation bytes of one micro-batch (see the module docstring for the model)."""
     tokens = micro_batch * seq_len
     h, hkv, f = cfg.dim, cfg.n_kv_heads * cfg.attn_head_dim, cfg.ffn_dim
@@ -163,7 +175,7 @@ def activation_bytes(cfg: ModelConfig, micro_batch: int, seq_len: int, tp: int =
     mlp = 4 * f if not cfg.n_experts else cfg.top_k * (4 * f + 2 * h)
     sharded = (2 * hq + 2 * hkv + mlp) / tp
     per_layer = 2 * (replicated + sharded) * tokens
-    loss = 10 * cfg.vocab_size / tp * tokens
+    loss = head_loss_bytes(cfg, tokens, tp, loss_chunk_size)
     if not checkpointing:
         return cfg.n_layers * per_layer + loss
     kept = cfg.n_layers * 2 * h / (tp if sp else 1) * tokens
@@ -171,7 +183,7 @@ def activation_bytes(cfg: ModelConfig, micro_batch: int, seq_len: int, tp: int =
 
 
 def memory_plan(cfg: ModelConfig, params: int, gpus: int, tp: int, sp: bool, zero_stage: int,
-                micro_batch: int, seq_len: int) -> MemoryPlan:
+                micro_batch: int, seq_len: int, loss_chunk_size: int = 0) -> MemoryPlan:
     dp = gpus // tp
     layer_params = (params - 2 * cfg.vocab_size * cfg.dim) / cfg.n_layers
     # ZeRO-3 all-gathers each layer before use and prefetches the next: about two layers of bf16
@@ -179,19 +191,19 @@ def memory_plan(cfg: ModelConfig, params: int, gpus: int, tp: int, sp: bool, zer
     working = 2 * max(2 * layer_params, cfg.vocab_size * cfg.dim) / tp if zero_stage == 3 else 0.0
     return MemoryPlan(
         states_per_gpu=model_state_bytes(params, gpus, tp, zero_stage),
-        activations=activation_bytes(cfg, micro_batch, seq_len, tp, sp, False),
-        activations_ckpt=activation_bytes(cfg, micro_batch, seq_len, tp, sp, True),
+        activations=activation_bytes(cfg, micro_batch, seq_len, tp, sp, False, loss_chunk_size),
+        activations_ckpt=activation_bytes(cfg, micro_batch, seq_len, tp, sp, True, loss_chunk_size),
         working=working,
         dp=dp,
     )
 
 
 def lora_memory_plan(cfg: ModelConfig, lora: LoraConfig, params: int, gpus: int, sp: bool, zero_stage: int,
-                     micro_batch: int, seq_len: int) -> MemoryPlan:
+                     micro_batch: int, seq_len: int, loss_chunk_size: int = 0) -> MemoryPlan:
     """The per-GPU plan of LoRA (no tensor parallelism): the frozen base in bf16 (2 bytes per parameter,
     partitioned by ZeRO-3), the trained parameters with their gradients and AdamW states (16 bytes per
     parameter under ``zero_stage``), and the activations of full fine-tuning plus the adapters'."""
-    full = memory_plan(cfg, params, gpus, 1, sp, zero_stage, micro_batch, seq_len)
+    full = memory_plan(cfg, params, gpus, 1, sp, zero_stage, micro_batch, seq_len, loss_chunk_size)
     adapters = sum(lora.r * (i + o) for i, o in lora_adapted_shapes(cfg, lora))
     trainable = lora_trainable_parameters(cfg, lora)
     frozen = params - (trainable - adapters)  # the trained embedding / head are not frozen
@@ -225,14 +237,18 @@ def model_report(cfg: ModelInfoConfig) -> dict:
 
     def memory(mem: MemoryPlan, extra_per_sample) -> dict:
         def largest_micro_batch(checkpointing: bool) -> int:
-            fixed = mem.states_per_gpu + mem.working
-            per_sample = activation_bytes(m, 1, train.seq_len, par.tp, par.sp, checkpointing) + extra_per_sample(checkpointing)
+            one, two = (activation_bytes(m, b, train.seq_len, par.tp, par.sp, checkpointing, train.loss_chunk_size)
+                        for b in (1, 2))
+            per_sample = two - one + extra_per_sample(checkpointing)  # the chunked head's part is mostly fixed
+            fixed = mem.states_per_gpu + mem.working + one - (two - one)
             return max(0, int((budget * 0.9 - fixed) // per_sample))  # keep 10% for the allocator
 
         return {
             "model_states_gib": mem.states_per_gpu / GIB,
             "zero3_working_gib": mem.working / GIB,
             "activations_gib": mem.activations / GIB,
+            "head_loss_gib": head_loss_bytes(m, train.micro_batch_size * train.seq_len, par.tp,
+                                             train.loss_chunk_size) / GIB,
             "activations_checkpointed_gib": mem.activations_ckpt / GIB,
             "total_gib": mem.total / GIB,
             "total_checkpointed_gib": mem.total_ckpt / GIB,
@@ -243,7 +259,8 @@ def model_report(cfg: ModelInfoConfig) -> dict:
             "max_micro_batch_checkpointed": largest_micro_batch(True),
         }
 
-    mem = memory_plan(m, counts.total, plan.gpus, par.tp, par.sp, par.zero_stage, train.micro_batch_size, train.seq_len)
+    mem = memory_plan(m, counts.total, plan.gpus, par.tp, par.sp, par.zero_stage, train.micro_batch_size, train.seq_len,
+                      train.loss_chunk_size)
     report = {
         "model": cfg.init,
         "params": counts.total,
@@ -253,6 +270,7 @@ def model_report(cfg: ModelInfoConfig) -> dict:
         "flops_per_token": fpt,
         "seq_len": train.seq_len,
         "micro_batch_size": train.micro_batch_size,
+        "loss_chunk_size": train.loss_chunk_size,
         "gpus": plan.gpus,
         "tp": par.tp,
         "dp": mem.dp,
@@ -262,7 +280,7 @@ def model_report(cfg: ModelInfoConfig) -> dict:
     if cfg.method == "lora":
         lora = cfg.lora
         lora_mem = lora_memory_plan(m, lora, counts.total, plan.gpus, par.sp, par.zero_stage, train.micro_batch_size,
-                                    train.seq_len)
+                                    train.seq_len, train.loss_chunk_size)
         trainable = lora_trainable_parameters(m, lora)
         extra = lora_activation_bytes(m, lora, 1, train.seq_len)
         report["lora"] = {
@@ -294,6 +312,8 @@ def format_report(name: str, r: dict) -> str:
     if r["active_params"] != r["params"]:
         lines.append(f"    active per token    {r['active_params']:>17,}   (mixture of experts: top-k experts)")
     lines.append(f"  FLOPs per token       {r['flops_per_token']:>17.4e}   (forward + backward, seq {r['seq_len']})")
+    head = (f"chunked: train.loss_chunk_size={r['loss_chunk_size']}" if r["loss_chunk_size"]
+            else "full logits: train.loss_chunk_size=0")
     layout = (f"{r['gpus']} GPUs = tp {r['tp']} x dp {r['dp']}, ZeRO-{r['zero_stage']}, bf16 + AdamW,"
               f" micro-batch {r['micro_batch_size']} x seq {r['seq_len']}")
 
@@ -303,6 +323,7 @@ def format_report(name: str, r: dict) -> str:
             f"  ZeRO-3 gathered layers  {mem['zero3_working_gib']:>10.2f} GiB",
             f"  activations             {mem['activations_gib']:>10.2f} GiB   "
             f"(with activation checkpointing: {mem['activations_checkpointed_gib']:.2f} GiB)",
+            f"    of which head + loss  {mem['head_loss_gib']:>10.2f} GiB   ({head})",
             f"  total                   {mem['total_gib']:>10.2f} GiB   {yes(mem['fits'])} in {mem['gpu_gib']:g} GiB"
             f" (largest micro-batch: {mem['max_micro_batch']})",
             f"  total, checkpointing    {mem['total_checkpointed_gib']:>10.2f} GiB   {yes(mem['fits_checkpointed'])}"

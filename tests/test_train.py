@@ -104,7 +104,8 @@ def test_chunked_head_accumulation_and_equality_with_full_logits(tiny_corpus, tm
     """The default chunked head + loss: 1x8 and 4x2 accumulate to the same update, and the run equals the
     full-logits run. The chunk boundaries move with the micro-batch size (another order of the fp32
     sums), and Adam's first steps divide gradients by their own magnitude, so weights agree to the
-    rounding of fp32 sums carried through two Adam updates (measured: 1.5e-6 absolute at most)."""
+    rounding of fp32 sums carried through two Adam updates: the bound of the full-logits test above
+    (measured: 4.6e-6 chunked, 3.4e-6 with full logits, absolute, at most)."""
     runs = {}
     for name, extra in (("1x8", ("train.micro_batch_size=1",)), ("4x2", ("train.micro_batch_size=4",)),
                         ("full", ("train.micro_batch_size=4", "train.loss_chunk_size=0"))):
@@ -114,7 +115,7 @@ def test_chunked_head_accumulation_and_equality_with_full_logits(tiny_corpus, tm
         assert runs[name][0][1] == pytest.approx(runs["1x8"][0][1], rel=1e-6)
         assert runs[name][0][2] == pytest.approx(runs["1x8"][0][2], rel=1e-5)
         for k, w in runs["1x8"][1].items():
-            torch.testing.assert_close(runs[name][1][k], w, rtol=1e-5, atol=3e-6, msg=k)
+            torch.testing.assert_close(runs[name][1][k], w, rtol=1e-5, atol=1e-5, msg=k)
 
 
 def test_resume_reproduces_the_uninterrupted_run_exactly(tiny_corpus, tmp_path, reference):
