@@ -151,6 +151,14 @@ def _accumulate_grads(g: torch.Tensor, h_c, w, compute, grad_h, s, grad_w):
         grad_w[v:v + block.shape[1]] += block.T @ h_c
 
 
+def _local_targets(w: torch.Tensor, target: torch.Tensor, limit: int, start: int, compute: torch.dtype):
+    """This rank's real head rows in the compute dtype, which targets it owns, and their local column
+    (0 where not owned, so gathers stay in range)."""
+    local_t = target - start
+    owned = (local_t >= 0) & (local_t < limit)
+    return w[:limit].to(compute), owned, torch.where(owned, local_t, torch.zeros_like(local_t))
+
+
 def _no_autocast(device: torch.device):
     return torch.autocast(device.type, enabled=False)
 
@@ -163,10 +171,7 @@ class _ChunkedLMLoss(torch.autograd.Function):
     def forward(ctx, h, w, target, z_loss, limit, start, group, chunk, compute, strategy, need_h, need_w):
         with _no_autocast(h.device):
             n = h.shape[0]
-            wr = w[:limit].to(compute)
-            local_t = target - start
-            owned = (local_t >= 0) & (local_t < limit)
-            idx = torch.where(owned, local_t, torch.zeros_like(local_t))
+            wr, owned, idx = _local_targets(w, target, limit, start, compute)
             stored = strategy == "stored"
             grad_h = h.new_zeros((n, h.shape[1]), dtype=torch.float32) if stored and need_h else None
             grad_w = w.new_zeros(w.shape, dtype=torch.float32) if stored and need_w else None
@@ -241,10 +246,7 @@ class _ChunkedTokenLogProbs(torch.autograd.Function):
     def forward(ctx, h, w, target, limit, start, group, chunk, compute, need_h, need_w):
         with _no_autocast(h.device):
             n = h.shape[0]
-            wr = w[:limit].to(compute)
-            local_t = target - start
-            owned = (local_t >= 0) & (local_t < limit)
-            idx = torch.where(owned, local_t, torch.zeros_like(local_t))
+            wr, owned, idx = _local_targets(w, target, limit, start, compute)
             lse = h.new_empty((n,), dtype=torch.float32)
             logp = h.new_empty((n,), dtype=torch.float32)
             for s in range(0, n, chunk):

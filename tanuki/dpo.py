@@ -34,14 +34,14 @@ from tanuki.build import build_frozen_engine, build_training_model
 from tanuki.checkpoint import plan_resume
 from tanuki.config import ConfigError, ModelConfig, StageConfig, TrainConfig, to_dict
 from tanuki.data.preference import PreferenceDataConfig, PreferenceDataLoader, build_preference_datasets
-from tanuki.hf import import_hf, training_vocab_size
+from tanuki.hf import import_hf
 from tanuki.info import flops_per_token
 from tanuki.lora import LoraConfig, adapters_disabled, count_trainable_parameters
 from tanuki.chunked_loss import has_chunked_head
 from tanuki.losses import chosen_nll, dpo_loss, dpo_metrics, sequence_logps
 from tanuki.parallel.env import DistEnv
 from tanuki.parallel.zero import build_engine
-from tanuki.sft import SFTExportConfig, export_hook, fine_tuning_train_config
+from tanuki.sft import PreparedFineTuning, SFTExportConfig, export_hook, fine_tuning_train_config
 from tanuki.tokenizer.jinja_template import resolve_template, template_label
 from tanuki.tokenizer.templates import AUTO, ChatTemplate, check_template_name
 from tanuki.train import Stage, StepOutput, train_and_close
@@ -101,25 +101,10 @@ class DPOConfig(StageConfig):
             raise ConfigError("method", "LoRA with tensor parallelism (parallel.tp > 1) is not supported; use tp=1")
 
 
-@dataclass
-class PreparedDPO:
-    cfg: DPOConfig
-    model: ModelConfig
-    tokenizer_dir: str
-    #: ``cfg.template`` resolved against the tokenizer
-    template: ChatTemplate
-
-
-def prepare(cfg: DPOConfig, env: DistEnv) -> PreparedDPO:
+def prepare(cfg: DPOConfig, env: DistEnv) -> PreparedFineTuning:
     """Checks needing files or the world size (before any process group)."""
-    # a trimmed export's vocabulary padded back to a multiple of 128 x tp (zero rows, masked by vocab_limit)
-    model = training_vocab_size(plumbing.model_config_from_init(cfg.init, cfg.kernels), cfg.parallel.tp)
-    plumbing.check_context(cfg.train.seq_len, model, cfg.init)
-    tok = cfg.tokenizer or cfg.init
-    plumbing.check_tokenizer_dir(tok)
-    plumbing.check_data_paths(cfg.data.paths, "<pairs.jsonl>")
-    plumbing.check_layout(cfg, env)
-    return PreparedDPO(cfg, model, tok, resolve_template(cfg.template, tok))
+    model, tok, grad_accumulation = plumbing.prepare_fine_tuning(cfg, env, "<pairs.jsonl>")
+    return PreparedFineTuning(cfg, model, tok, grad_accumulation, resolve_template(cfg.template, tok))
 
 
 def pair_logps(model, batch: dict[str, torch.Tensor], *, average: bool, vocab_limit, vocab_parallel):
@@ -218,7 +203,7 @@ def precompute_reference(engine, dataset, *, micro_batch_size: int, dp_rank: int
     return table.float()
 
 
-def run(prep: PreparedDPO, env: DistEnv, run_dir: Path, print_fn: Callable[[str], None] = print):
+def run(prep: PreparedFineTuning, env: DistEnv, run_dir: Path, print_fn: Callable[[str], None] = print):
     """Optimise preferences inside an initialised process group; returns the TrainResult."""
     cfg, tc = prep.cfg, prep.cfg.train
     config = {**to_dict(cfg), "model": to_dict(prep.model), "template": prep.template.name}

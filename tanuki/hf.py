@@ -265,6 +265,14 @@ def _rope_parameters(cfg: ModelConfig) -> dict:
     return rope
 
 
+def _shape_to_hf(cfg: ModelConfig) -> dict:
+    """The ``config.json`` fields of the model's shape, the same in every family (the inverse of
+    :func:`_shape_from_hf`)."""
+    return dict(vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.ffn_dim,
+                num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
+                head_dim=cfg.attn_head_dim, max_position_embeddings=cfg.max_seq_len)
+
+
 def hf_config_dict(
     cfg: ModelConfig,
     *,
@@ -285,14 +293,7 @@ def hf_config_dict(
                                                     pad_token_id=pad_token_id))
 
     shape = dict(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.dim,
-        intermediate_size=cfg.ffn_dim,  # of each expert in an MoE
-        num_hidden_layers=cfg.n_layers,
-        num_attention_heads=cfg.n_heads,
-        num_key_value_heads=cfg.n_kv_heads,
-        head_dim=cfg.attn_head_dim,
-        max_position_embeddings=cfg.max_seq_len,
+        **_shape_to_hf(cfg),  # intermediate_size: of each expert in an MoE
         rms_norm_eps=cfg.norm_eps,
         rope_theta=cfg.rope_theta,
         hidden_act="silu",
@@ -335,14 +336,7 @@ def _family_config_dict(cfg: ModelConfig, dtype: torch.dtype, tokens: dict) -> d
     _check_family(cfg)
     arch = FAMILY_ARCHITECTURES[cfg.family]
     fields = dict(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.dim,
-        intermediate_size=cfg.ffn_dim,
-        num_hidden_layers=cfg.n_layers,
-        num_attention_heads=cfg.n_heads,
-        num_key_value_heads=cfg.n_kv_heads,
-        head_dim=cfg.attn_head_dim,
-        max_position_embeddings=cfg.max_seq_len,
+        **_shape_to_hf(cfg),
         rope_parameters=_rope_parameters(cfg),
         hidden_act="silu",
         tie_word_embeddings=cfg.tie_embeddings,
@@ -411,6 +405,18 @@ def _rope_from_hf(hf: Mapping, source: str) -> tuple[float, dict]:
     return float(theta if theta is not None else 10000.0), scaling
 
 
+def _shape_from_hf(hf: Mapping) -> dict:
+    """The :class:`ModelConfig` fields every family reads the same way from ``config.json``."""
+    n_heads = hf["num_attention_heads"]
+    head_dim = hf.get("head_dim")
+    if head_dim is not None and head_dim == hf["hidden_size"] // n_heads and hf["hidden_size"] % n_heads == 0:
+        head_dim = None  # the default dim // heads, written out
+    return dict(n_layers=hf["num_hidden_layers"], dim=hf["hidden_size"], n_heads=n_heads,
+                n_kv_heads=hf.get("num_key_value_heads") or n_heads, ffn_dim=hf["intermediate_size"],
+                vocab_size=hf["vocab_size"], head_dim=head_dim, max_seq_len=hf.get("max_position_embeddings", 4096),
+                init_std=float(hf.get("initializer_range", 0.02)))
+
+
 def _family_config_from_hf(hf: Mapping, source: str) -> ModelConfig:
     """tanuki's :class:`ModelConfig` for a dense family's ``config.json`` (see :data:`FAMILY_ARCHITECTURES`)."""
     family = hf["model_type"]
@@ -422,10 +428,6 @@ def _family_config_from_hf(hf: Mapping, source: str) -> ModelConfig:
     if hf.get("mlp_bias", False):
         raise HFFormatError(f"{source}: mlp_bias=True is not supported")
     theta, scaling = _rope_from_hf(hf, source)
-    n_heads = hf["num_attention_heads"]
-    head_dim = hf.get("head_dim")
-    if head_dim is not None and head_dim == hf["hidden_size"] // n_heads and hf["hidden_size"] % n_heads == 0:
-        head_dim = None
     window = hf.get("sliding_window")
     if family in ("qwen2", "qwen3") and not hf.get("use_sliding_window", False):
         window = None
@@ -440,17 +442,9 @@ def _family_config_from_hf(hf: Mapping, source: str) -> ModelConfig:
     else:
         eps = hf.get("rms_norm_eps", 1e-6)
     return ModelConfig(
-        n_layers=hf["num_hidden_layers"],
-        dim=hf["hidden_size"],
-        n_heads=n_heads,
-        n_kv_heads=hf.get("num_key_value_heads") or n_heads,
-        ffn_dim=hf["intermediate_size"],
-        vocab_size=hf["vocab_size"],
-        head_dim=head_dim,
-        max_seq_len=hf.get("max_position_embeddings", 4096),
+        **_shape_from_hf(hf),
         rope_theta=theta,
         norm_eps=float(eps),
-        init_std=float(hf.get("initializer_range", 0.02)),
         family=family,
         rope_scaling=scaling,
         tie_embeddings=bool(hf.get("tie_word_embeddings", family == "cohere")),
@@ -493,22 +487,10 @@ def model_config_from_hf(hf: Mapping, source: str = "config.json") -> ModelConfi
     theta = hf.get("rope_theta")
     if theta is None and isinstance(rope, Mapping):
         theta = rope.get("rope_theta")
-    n_heads = hf["num_attention_heads"]
-    head_dim = hf.get("head_dim")
-    if head_dim is not None and head_dim == hf["hidden_size"] // n_heads and hf["hidden_size"] % n_heads == 0:
-        head_dim = None
     return ModelConfig(
-        n_layers=hf["num_hidden_layers"],
-        dim=hf["hidden_size"],
-        n_heads=n_heads,
-        n_kv_heads=hf.get("num_key_value_heads") or n_heads,
-        ffn_dim=hf["intermediate_size"],
-        vocab_size=hf["vocab_size"],
-        head_dim=head_dim,
-        max_seq_len=hf.get("max_position_embeddings", 4096),
+        **_shape_from_hf(hf),
         rope_theta=float(theta if theta is not None else 10000.0),
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        init_std=float(hf.get("initializer_range", 0.02)),
         **moe,
     )
 

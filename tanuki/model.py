@@ -44,7 +44,30 @@ from tanuki.config import ModelConfig
 _SDPA_HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
 
 
-class RMSNorm(nn.Module):
+class _GainNorm(nn.Module):
+    """What RMSNorm and LayerNorm share: a gain of shape ``dim``, ``eps``, and ``forward(x, residual)``
+    fusing the residual add of a pre-norm block (``(norm(x + residual), x + residual)``); a subclass
+    gives ``_norm``."""
+
+    def __init__(self, dim: int | tuple[int, ...], eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None):
+        if residual is not None:
+            x = x + residual
+            return self._norm(x), x
+        return self._norm(x)
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.eps}"
+
+
+class RMSNorm(_GainNorm):
     """Root-mean-square layer norm (Zhang & Sennrich 2019) with the Hugging Face Llama casting order.
 
     Statistics are computed in fp32; the normalised activations are cast back to the input dtype
@@ -55,30 +78,13 @@ class RMSNorm(nn.Module):
     same signature.
     """
 
-    def __init__(self, dim: int | tuple[int, ...], eps: float = 1e-5):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None):
-        if residual is not None:
-            x = x + residual
-            return self._norm(x), x
-        return self._norm(x)
-
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
 
-    def reset_parameters(self) -> None:
-        nn.init.ones_(self.weight)
 
-    def extra_repr(self) -> str:
-        return f"{tuple(self.weight.shape)}, eps={self.eps}"
-
-
-class LayerNorm(nn.Module):
+class LayerNorm(_GainNorm):
     """Layer norm (Ba et al. 2016) with a gain and no bias, as transformers' ``CohereLayerNorm``.
 
     ``(x - mean) / sqrt(var + eps)`` over the last dimension, computed in fp32 and multiplied by the fp32
@@ -87,28 +93,11 @@ class LayerNorm(nn.Module):
     residual)`` signature as :class:`RMSNorm`; there is no fused kernel for it.
     """
 
-    def __init__(self, dim: int | tuple[int, ...], eps: float = 1e-5):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None):
-        if residual is not None:
-            x = x + residual
-            return self._norm(x), x
-        return self._norm(x)
-
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
         h = x.float()
         h = h - h.mean(-1, keepdim=True)
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return (self.weight.float() * h).to(x.dtype)
-
-    def reset_parameters(self) -> None:
-        nn.init.ones_(self.weight)
-
-    def extra_repr(self) -> str:
-        return f"{tuple(self.weight.shape)}, eps={self.eps}"
 
 
 def make_norm(cfg: ModelConfig, shape: int | tuple[int, ...]) -> nn.Module:
@@ -207,13 +196,19 @@ class Rotary(nn.Module):
             self.inv_freq = self._inv_freq(device=self.inv_freq.device)
         return self
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor):
-        """Rotate ``q`` (B, T, Hq, D) and ``k`` (B, T, Hk, D) at ``positions`` (B, T)."""
+    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``cos`` and ``sin`` of the angles at ``positions`` (B, T), shaped (B, T, 1, D/2) for the heads
+        (fp32; scaled by yarn's attention factor)."""
         angles = positions.to(torch.float32)[..., None] * self.inv_freq  # (B, T, D/2)
         cos = angles.cos()[:, :, None, :]
         sin = angles.sin()[:, :, None, :]
         if self.attention_scaling != 1.0:
             cos, sin = cos * self.attention_scaling, sin * self.attention_scaling
+        return cos, sin
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor):
+        """Rotate ``q`` (B, T, Hq, D) and ``k`` (B, T, Hk, D) at ``positions`` (B, T)."""
+        cos, sin = self.cos_sin(positions)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
     def extra_repr(self) -> str:
@@ -227,11 +222,7 @@ class InterleavedRotary(Rotary):
     :class:`Rotary`; its own class, so the fused (half-split) kernel is never swapped in for it."""
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor):
-        angles = positions.to(torch.float32)[..., None] * self.inv_freq  # (B, T, D/2)
-        cos = angles.cos()[:, :, None, :]
-        sin = angles.sin()[:, :, None, :]
-        if self.attention_scaling != 1.0:
-            cos, sin = cos * self.attention_scaling, sin * self.attention_scaling
+        cos, sin = self.cos_sin(positions)
         return _rotate_interleaved(q, cos, sin), _rotate_interleaved(k, cos, sin)
 
 

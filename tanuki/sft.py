@@ -26,7 +26,7 @@ from tanuki.config import ConfigError, ModelConfig, StageConfig, TrainConfig, to
 from tanuki.data.sft import SFTDataConfig, SFTDataLoader, build_sft_datasets, exact_match, read_eval_prompts
 from tanuki.generate import generate
 from tanuki.fileio import check_output_dir
-from tanuki.hf import export_hf, import_hf, read_hf_config, training_vocab_size, trim_vocab_rows
+from tanuki.hf import export_hf, import_hf, read_hf_config, trim_vocab_rows
 from tanuki.info import flops_per_token
 from tanuki.lisa import LisaConfig, LisaScheduler
 from tanuki.lora import LoraConfig, count_trainable_parameters, merge_lora_state_dict, save_peft_adapter
@@ -100,8 +100,10 @@ class SFTConfig(StageConfig):
 
 
 @dataclass
-class PreparedSFT:
-    cfg: SFTConfig
+class PreparedFineTuning:
+    """A fine-tuning stage's config (SFT or DPO) after its start-up checks."""
+
+    cfg: StageConfig
     model: ModelConfig
     tokenizer_dir: str
     grad_accumulation: int
@@ -109,16 +111,10 @@ class PreparedSFT:
     template: ChatTemplate
 
 
-def prepare(cfg: SFTConfig, env: DistEnv) -> PreparedSFT:
+def prepare(cfg: SFTConfig, env: DistEnv) -> PreparedFineTuning:
     """Checks needing files or the world size (before any process group)."""
-    # a trimmed export's vocabulary padded back to a multiple of 128 x tp (zero rows, masked by vocab_limit)
-    model = training_vocab_size(plumbing.model_config_from_init(cfg.init, cfg.kernels), cfg.parallel.tp)
-    plumbing.check_context(cfg.train.seq_len, model, cfg.init)
-    tok = cfg.tokenizer or cfg.init
-    plumbing.check_tokenizer_dir(tok)
-    plumbing.check_data_paths(cfg.data.paths, "<file.jsonl>")
-    grad_accumulation = plumbing.check_layout(cfg, env)
-    return PreparedSFT(cfg, model, tok, grad_accumulation, resolve_template(cfg.template, tok, fallback="alpaca_ja"))
+    model, tok, grad_accumulation = plumbing.prepare_fine_tuning(cfg, env, "<file.jsonl>")
+    return PreparedFineTuning(cfg, model, tok, grad_accumulation, resolve_template(cfg.template, tok, fallback="alpaca_ja"))
 
 
 def sft_step(model, batch: dict[str, torch.Tensor], *, z_loss: float, vocab_limit: int | None, vocab_parallel=None,
@@ -195,7 +191,7 @@ def export_hook(cfg: StageConfig, template: ChatTemplate, run_dir: Path,
     return on_finish
 
 
-def run(prep: PreparedSFT, env: DistEnv, run_dir: Path, print_fn: Callable[[str], None] = print):
+def run(prep: PreparedFineTuning, env: DistEnv, run_dir: Path, print_fn: Callable[[str], None] = print):
     """Fine-tune inside an initialised process group; returns the TrainResult."""
     cfg, tc = prep.cfg, prep.cfg.train
     # The model's architecture goes into every checkpoint, so that export needs nothing but the checkpoint.

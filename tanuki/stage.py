@@ -35,7 +35,7 @@ from tokenizers import Tokenizer
 
 from tanuki.config import ConfigError, ModelConfig, StageConfig, check_sliding_window
 from tanuki.fileio import umask_mode, write_error
-from tanuki.hf import HFFormatError, copy_tokenizer_files, model_config_from_hf, read_hf_config
+from tanuki.hf import HFFormatError, copy_tokenizer_files, model_config_from_hf, read_hf_config, training_vocab_size
 from tanuki.metrics import MetricsLogger
 from tanuki.parallel.env import DistEnv, init_distributed, resolve_run_dir
 from tanuki.parallel.groups import ProcessGroups, build_process_groups
@@ -97,6 +97,19 @@ def check_context(seq_len: int, model: ModelConfig, init: str) -> None:
     if seq_len > model.max_seq_len:
         raise ConfigError("train.seq_len", f"{seq_len} exceeds the context of {init} ({model.max_seq_len})")
     check_sliding_window(seq_len, model, init)
+
+
+def prepare_fine_tuning(cfg, env: DistEnv, data_example: str) -> tuple[ModelConfig, str, int]:
+    """The start-up checks of a fine-tuning stage (SFT, DPO): the architecture of ``cfg.init`` (a trimmed
+    export's vocabulary padded back to a multiple of 128 x tp: zero rows, masked by ``vocab_limit``),
+    its context against ``train.seq_len``, the tokenizer directory (``cfg.tokenizer`` or ``init``), the
+    data files and the layout. Returns (model config, tokenizer dir, accumulation steps)."""
+    model = training_vocab_size(model_config_from_init(cfg.init, cfg.kernels), cfg.parallel.tp)
+    check_context(cfg.train.seq_len, model, cfg.init)
+    tok = cfg.tokenizer or cfg.init
+    check_tokenizer_dir(tok)
+    check_data_paths(cfg.data.paths, data_example)
+    return model, tok, check_layout(cfg, env)
 
 
 # --------------------------------------------------------------------------------------------------
