@@ -376,6 +376,36 @@ def _check_table(check: dict) -> list[str]:
     return lines
 
 
+#: what the committed (full) run leaves out and how to read it; the numbers are those of the run
+NOTES = [
+    "## Notes",
+    "",
+    "- Not run: the full logits and transformers' path at 16,384 tokens (the full path's peak grows linearly, "
+    "1.9 MiB per token at 99,584 x 2,048, so about 30 GiB at 16,384 tokens; this machine has 24 GiB, shared); the "
+    "65,024 x 4,096 shapes and 16,384 x 65,024 x 4,096 (time: a pass at width 4,096 takes 40-150 CPU s here; the "
+    "99,584 x 4,096 rows cover that width). The goal's full-logits numbers are therefore extrapolated from its "
+    "measured 512, 2,048 and 4,096-token rows (the peaks are linear in tokens to 0.1%).",
+    "- Liger-Kernel 0.8.5 installs without another torch (it needs triton, already present), but its "
+    "cross-entropy kernel needs a Triton GPU driver: on CPU it fails with `0 active drivers`. Under the Triton "
+    "interpreter (`TRITON_INTERPRET=1`) it runs and agrees with the reference (the 512-token row), in 62 CPU s "
+    "instead of 3 and with a 2.67 GiB peak that measures the interpreter's host copies; it was not run at the "
+    "larger sizes and its numbers say nothing about the kernel on a GPU.",
+    "- Where the memory goes: the full path keeps about 19 bytes per logit at its peak (bf16 logits, their fp32 "
+    "copy, the log-softmax, the z-loss log-sum-exp and the gradients); transformers' path, which has no z-loss and "
+    "does not slice off the padded columns, about 11. The chunked head keeps the fp32 sum of the gradient of `W` "
+    "(vocab x width x 4 bytes: 0.76 GiB at 99,584 x 2,048), one chunk's logits and their gradient (about "
+    "chunk x vocab x 6-8 bytes) and the fp32 gradient of `h`; so its peak hardly grows with tokens (1.76 GiB at "
+    "4,096, 1.87 GiB at 16,384), and below about 1,000 tokens it is above the full path's (the 512-token row).",
+    "- Time: `stored` does the full path's three matmuls (logits, grad h, grad W) and `recompute` a fourth "
+    "(1.12x the full path at 4,096 tokens, 1.26x `stored` at 16,384). On CPU small chunks also pay a "
+    "read-modify-write of the fp32 `W` gradient per chunk (256: "
+    "1.25x); on a GPU that pass is a few milliseconds. CPU times of repeats of one configuration differ by up to "
+    "30% on this shared machine (full at 99,584 x 4,096: 54.5 and 37.3 CPU s), so ratios near 1 are equal within "
+    "the noise.",
+    "",
+]
+
+
 def render(check: dict, results: list[dict], args, seconds: float, load: tuple[float, float], machine: str) -> str:
     lines = ["# Output head + loss: peak memory and time (CPU)", ""]
     lines.append(f"`python benchmarks/loss_memory_bench.py{' --quick' if args.quick else ''}`")
@@ -412,6 +442,8 @@ def render(check: dict, results: list[dict], args, seconds: float, load: tuple[f
                  "largest entry whatever the order).")
     lines.append("")
     lines += _check_table(check)
+    if not args.quick:
+        lines += NOTES
     lines.append("Raw results (one JSON object per configuration):")
     lines.append("")
     lines.append("```")

@@ -2,11 +2,12 @@
 
 With activation checkpointing the head and the loss dominate a step's memory: ``model.head(h)`` and
 :func:`tanuki.losses.causal_lm_loss` keep bf16 logits, their fp32 copy and the fp32 softmax and
-gradients of every token over the whole vocabulary (about 10 bytes x V per token; 15 GiB for 16,384
-tokens x 99,584 entries). Here the head's matmul and the loss are fused and run over ``chunk_size``
-tokens at a time (the idea of Liger-Kernel's fused linear cross entropy, Hsu et al. 2024, and of
-"Cut Your Losses in Large-Vocabulary Language Models", Wijmans et al. 2024), so only one chunk's logits
-are alive. For token ``i`` with logits ``z = W h_i`` (computed in the input dtype, then fp32, exactly as
+gradients of every token over the whole vocabulary (the planner counts 10 bytes per logit, 15 GiB at
+16,384 tokens x 99,584 entries; measured on CPU it peaks at about 19, see
+``benchmarks/results/loss_memory.md``). Here the head's matmul and the loss are fused and run over
+``chunk_size`` tokens at a time (the idea of Liger-Kernel's fused linear cross entropy, Hsu et al. 2024,
+and of "Cut Your Losses in Large-Vocabulary Language Models", Wijmans et al. 2024), so only one chunk's
+logits are alive. For token ``i`` with logits ``z = W h_i`` (computed in the input dtype, then fp32, exactly as
 ``causal_lm_loss(model.head(h).float())`` sees them), target ``t`` and ``p = softmax(z)``:
 
     lse_i   = log sum_v exp(z_v)                        (over the real vocabulary only)
@@ -56,8 +57,9 @@ from torch import nn
 
 from tanuki.losses import IGNORE_INDEX, LossOutput, VocabParallel, causal_lm_loss, sequence_logps
 
-#: tokens per chunk (``train.loss_chunk_size``): from benchmarks/results/loss_memory.md, large enough
-#: that the matmuls stay efficient, small enough that one chunk's fp32 logits are a few hundred MiB
+#: tokens per chunk (``train.loss_chunk_size``). In benchmarks/results/loss_memory.md the smallest chunk
+#: whose time stays within 1.1x of the full-logits path (256 is 1.25x on CPU); its fp32 chunk logits are
+#: 0.4 GiB at 99,584 entries, and the whole head + loss peaks at 1.8 GiB instead of 7.6 (4,096 tokens).
 DEFAULT_CHUNK_SIZE = 1024
 
 STRATEGIES = ("stored", "recompute")
