@@ -50,6 +50,8 @@ from tanuki.evaluate import (  # noqa: E402
     task_names,
     write_task_dir,
 )
+from tanuki.data.config import PreprocessConfig  # noqa: E402
+from tanuki.data.preprocess import preprocess  # noqa: E402
 from tanuki.hf import export_hf, import_hf  # noqa: E402
 from tanuki.model import build_model  # noqa: E402
 from tanuki.tokenizer.templates import write_chat_template  # noqa: E402
@@ -447,8 +449,8 @@ def test_results_land_in_the_run_directory(run_eval):
     assert not list((run_dir / "eval").glob(".export-*")), "the temporary export is removed"
     info = json.loads((out / "results.json").read_text(encoding="utf-8"))["tanuki"]
     assert info["step"] == 4 and info["tokens"] == 4 * 8 * 32 + 5, "tokens of the training record of that step"
-    # The pretraining documents (tanuki's preprocessing) carry no BOS, although tokenizer(text) adds one.
-    assert info["add_bos_token"] is False and info["tokenizer_adds_bos"] is True
+    # The pretraining documents (tanuki's preprocessing, bos=auto) start with BOS, as tokenizer(text) does.
+    assert info["add_bos_token"] is True and info["tokenizer_adds_bos"] is True
     assert "pretraining documents" in info["add_bos_token_reason"]
     first_ctx = latest.results["samples"]["jnli"][0]["arguments"][0][0]
     assert not first_ctx.startswith("<s>")
@@ -582,8 +584,14 @@ def test_bos_follows_what_the_model_was_trained_on(loaded, tiny_corpus, tmp_path
     assert with_config({"template": "alpaca_ja", "data": {"path": ["x.jsonl"]}})[0] is True
     assert with_config({"template": "tulu", "data": {"path": ["x.jsonl"]}})[0] is False
     assert with_config({"template": None})[0] is True  # DPO: the tokenizer's template, alpaca_ja here
+    # tanuki's preprocessing writes BOS when the tokenizer adds one (bos=auto); bos=false data has none
     assert with_config({"data": {"prefixes": [tiny_corpus["prefix"]]}}) == (
-        False, f"0 of the first 64 pretraining documents of {tiny_corpus['prefix']} start with BOS")
+        True, f"64 of the first 64 pretraining documents of {tiny_corpus['prefix']} start with BOS")
+    no_bos = str(tmp_path / "no_bos")
+    preprocess(PreprocessConfig(input=str(tiny_corpus["dir"] / "corpus.jsonl"), tokenizer=tiny_corpus["tokenizer"],
+                                output_prefix=no_bos, progress=False, bos=False))
+    assert with_config({"data": {"prefixes": [no_bos]}}) == (
+        False, f"0 of the first 64 pretraining documents of {no_bos} start with BOS")
     assert with_config({"data": {"prefixes": ["/nonexistent/prefix"]}})[0] is False
 
 
@@ -728,7 +736,7 @@ def test_a_trained_run_is_evaluated_from_the_command_line(tiny_corpus, data_dir,
     assert "| jcommonsenseqa | acc |" in proc.stdout and "| jnli | acc |" in proc.stdout
     saved = json.loads((run_dir / "eval/step_00000002/results.json").read_text(encoding="utf-8"))
     assert saved["tanuki"]["step"] == 2 and saved["tanuki"]["tokens"] == 2 * 8 * 32
-    assert saved["tanuki"]["add_bos_token"] is False
+    assert saved["tanuki"]["add_bos_token"] is True  # the documents start with BOS (bos=auto)
     from tanuki.metrics import read_metrics
 
     evals = [r for r in read_metrics(run_dir / "metrics.jsonl") if "eval/jnli/acc" in r]

@@ -427,9 +427,10 @@ def test_pretrain_sbatch_requeues_itself_before_time_limit(slurm_cluster, tiny_d
     """SIGUSR1 before the time limit: the ranks checkpoint and stop, the job requeues itself and resumes.
 
     The signal is the one ``#SBATCH --signal=B:USR1@300`` makes Slurm send, delivered now with scancel.
-    This job uses torchrun, whose workers the per-node task reaches through the process tree.
+    This job uses torchrun, whose workers the per-node task reaches through the process tree. The run
+    is long enough (24 steps) that the signal lands mid-run however fast the machine is.
     """
-    steps = 8
+    steps = 24
     run_dir = tmp_path / "run"
     job, out = submit(SBATCH_LAUNCHER, run_dir, tiny_overrides(tiny_data, max_steps=steps), LAUNCHER_JOB,
                       GPUS_PER_NODE=str(RANKS), LAUNCHER="torchrun")
