@@ -21,6 +21,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from tanuki import stage as plumbing
 from tanuki.build import build_training_model
+from tanuki.chunked_loss import has_chunked_head
 from tanuki.checkpoint import consolidate_checkpoint, plan_resume
 from tanuki.config import ConfigError, ModelConfig, StageConfig, TrainConfig, to_dict
 from tanuki.data.sft import SFTDataConfig, SFTDataLoader, build_sft_datasets, exact_match, read_eval_prompts
@@ -30,7 +31,6 @@ from tanuki.hf import export_hf, import_hf, read_hf_config, trim_vocab_rows
 from tanuki.info import flops_per_token
 from tanuki.lisa import LisaConfig, LisaScheduler
 from tanuki.lora import LoraConfig, count_trainable_parameters, merge_lora_state_dict, save_peft_adapter
-from tanuki.chunked_loss import has_chunked_head
 from tanuki.losses import LossOutput, causal_lm_loss
 from tanuki.model import moe_losses
 from tanuki.parallel.env import DistEnv
@@ -132,14 +132,11 @@ def sft_step(model, batch: dict[str, torch.Tensor], *, z_loss: float, vocab_limi
     segments = batch["segment_ids"] if packed else None
     kw = dict(z_loss=z_loss, vocab_limit=vocab_limit, normalizer=batch.get("loss_normalizer"),
               vocab_parallel=vocab_parallel)
+    chunked = has_chunked_head(model)  # the head computes the loss a chunk at a time: no full logits
     with torch.autocast(tokens.device.type, dtype=autocast, enabled=autocast is not None):
-        if has_chunked_head(model):  # the head computes the loss a chunk at a time: no full logits
-            out = LossOutput(*model(tokens, positions=batch["positions"], segment_ids=segments,
-                                    labels=batch["labels"], head_kwargs=kw))
-        else:
-            logits = model(tokens, positions=batch["positions"], segment_ids=segments)
-    if not has_chunked_head(model):
-        out = causal_lm_loss(logits, batch["labels"], **kw)
+        result = model(tokens, positions=batch["positions"], segment_ids=segments,
+                       labels=batch["labels"] if chunked else None, head_kwargs=kw if chunked else None)
+    out = LossOutput(*result) if chunked else causal_lm_loss(result, batch["labels"], **kw)
     router_loss, router_stats = moe_losses(model)  # (0, {}) for a dense model
     return StepOutput(loss=out.loss + router_loss, stats={"loss": out.ce, **router_stats})
 

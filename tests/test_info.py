@@ -59,11 +59,8 @@ def test_zero_memory_matches_the_paper():
     assert model_state_bytes(p, n, 1, 3) / 1e9 == pytest.approx(1.9, rel=2e-2)
 
 
-def test_activation_estimate_matches_the_tensors_saved_for_backward():
-    """The activation model counts what autograd keeps; measure it on a bf16 model (no checkpointing)."""
-    cfg = ModelConfig(n_layers=3, dim=128, n_heads=4, n_kv_heads=2, ffn_dim=352, vocab_size=512)
-    model = build_model(cfg, dtype=torch.bfloat16)
-    B, T = 2, 64
+def saved_activation_bytes(layer, B: int, T: int, dim: int, dtypes=(torch.bfloat16,)) -> int:
+    """Bytes of the tensors of ``dtypes`` (not parameters) autograd keeps for backward of one layer's forward."""
     saved = {}
 
     def pack(t):
@@ -71,13 +68,19 @@ def test_activation_estimate_matches_the_tensors_saved_for_backward():
         saved[key] = max(saved.get(key, 0), t.untyped_storage().nbytes())
         return t
 
-    layer = model.layers[1]
-    x = torch.randn(B, T, cfg.dim, dtype=torch.bfloat16, requires_grad=True)
-    positions = torch.arange(T).expand(B, T)
+    x = torch.randn(B, T, dim, dtype=torch.bfloat16, requires_grad=True)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        layer(x, positions)
+        layer(x, torch.arange(T).expand(B, T))
     params = {p.untyped_storage().data_ptr() for p in layer.parameters()}
-    measured = sum(n for (ptr, dtype), n in saved.items() if ptr not in params and dtype == torch.bfloat16)
+    return sum(n for (ptr, dtype), n in saved.items() if ptr not in params and dtype in dtypes)
+
+
+def test_activation_estimate_matches_the_tensors_saved_for_backward():
+    """The activation model counts what autograd keeps; measure it on a bf16 model (no checkpointing)."""
+    cfg = ModelConfig(n_layers=3, dim=128, n_heads=4, n_kv_heads=2, ffn_dim=352, vocab_size=512)
+    model = build_model(cfg, dtype=torch.bfloat16)
+    B, T = 2, 64
+    measured = saved_activation_bytes(model.layers[1], B, T, cfg.dim)
     per_layer = (activation_bytes(cfg, B, T) - 10 * cfg.vocab_size * B * T) / cfg.n_layers
     # bf16 tensors only: the estimate leaves out fp32 per-row statistics and rotary tables, which are
     # a small fraction at real sizes. It must not be off by more than a fifth.
@@ -158,19 +161,8 @@ def test_lora_activation_estimate_matches_the_tensors_saved_for_backward():
         lora = LoraConfig(r=16, dropout=dropout)
         model = apply_lora(build_model(cfg, dtype=torch.bfloat16), lora).train()
         B, T = 2, 64
-        saved = {}
-
-        def pack(t):
-            key = (t.untyped_storage().data_ptr(), t.dtype)
-            saved[key] = max(saved.get(key, 0), t.untyped_storage().nbytes())
-            return t
-
-        layer = model.layers[1]
-        x = torch.randn(B, T, cfg.dim, dtype=torch.bfloat16, requires_grad=True)
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            layer(x, torch.arange(T).expand(B, T))
-        params = {p.untyped_storage().data_ptr() for p in layer.parameters()}
-        measured = sum(n for (ptr, dtype), n in saved.items() if ptr not in params and dtype in (torch.bfloat16, torch.bool))
+        # bf16 activations and LoRA dropout's bool masks
+        measured = saved_activation_bytes(model.layers[1], B, T, cfg.dim, dtypes=(torch.bfloat16, torch.bool))
         per_layer = (activation_bytes(cfg, B, T) - 10 * cfg.vocab_size * B * T + lora_activation_bytes(cfg, lora, B, T)) / cfg.n_layers
         assert measured == pytest.approx(per_layer, rel=0.2), dropout
 
