@@ -18,7 +18,7 @@ from typing import Callable, Mapping
 import torch
 
 from tanuki.config import ConfigError, ModelConfig, ParallelConfig, from_dict, to_dict
-from tanuki.parallel.env import DistEnv, barrier
+from tanuki.parallel.env import DistEnv
 from tanuki.parallel.reshard import check_reshardable, needs_reshard
 from tanuki.parallel.tensor_parallel import merge_state_dicts
 

@@ -23,7 +23,7 @@ import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -32,18 +32,18 @@ from transformers import PreTrainedTokenizerFast
 from tanuki import stage as plumbing
 from tanuki.build import build_frozen_engine, build_training_model
 from tanuki.checkpoint import plan_resume
-from tanuki.config import ConfigError, ModelConfig, StageConfig, TrainConfig, to_dict
+from tanuki.config import ConfigError, TrainConfig, to_dict
 from tanuki.data.preference import PreferenceDataConfig, PreferenceDataLoader, build_preference_datasets
 from tanuki.hf import import_hf
 from tanuki.info import flops_per_token
-from tanuki.lora import LoraConfig, adapters_disabled, count_trainable_parameters
+from tanuki.lora import adapters_disabled, count_trainable_parameters
 from tanuki.chunked_loss import has_chunked_head
 from tanuki.losses import chosen_nll, dpo_loss, dpo_metrics, sequence_logps
 from tanuki.parallel.env import DistEnv
 from tanuki.parallel.zero import build_engine
-from tanuki.sft import PreparedFineTuning, SFTExportConfig, export_hook, fine_tuning_train_config
+from tanuki.sft import FineTuningConfig, PreparedFineTuning, export_hook, fine_tuning_train_config
 from tanuki.tokenizer.jinja_template import resolve_template, template_label
-from tanuki.tokenizer.templates import AUTO, ChatTemplate, check_template_name
+from tanuki.tokenizer.templates import AUTO
 from tanuki.train import Stage, StepOutput, train_and_close
 
 RESUME_KEYS = ("init", "method", "lora", "template", "loss", "reference", "parallel.tp", "parallel.zero_stage")
@@ -76,29 +76,15 @@ class LossConfig:
 
 
 @dataclass(frozen=True)
-class DPOConfig(StageConfig):
-    """``conf/dpo.yaml``."""
+class DPOConfig(FineTuningConfig):
+    """``conf/dpo.yaml``. ``init`` is the model to optimise (usually an SFT export) and also the reference."""
 
-    #: the model to optimise (usually an SFT export); also the reference
-    init: str
     data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)
-    #: chat template for rendering prompts and completions: auto (the one in init's tokenizer, any Jinja
-    #: template) | alpaca_ja | llmjp | tulu
-    template: str = AUTO
     loss: LossConfig = field(default_factory=LossConfig)
     #: model: a frozen copy of init (or the LoRA base) scored live | precompute: scored once before training
     reference: Literal["model", "precompute"] = "model"
     method: Literal["full", "lora"] = "full"
-    lora: LoraConfig = field(default_factory=LoraConfig)
     train: TrainConfig = field(default_factory=lambda: fine_tuning_train_config(5e-7, 5e-8), kw_only=True)
-    tokenizer: Optional[str] = None
-    kernels: Literal["auto", "triton", "torch"] = "auto"
-    export: SFTExportConfig = field(default_factory=SFTExportConfig)
-
-    def __post_init__(self) -> None:
-        check_template_name(self.template)
-        if self.method == "lora" and self.parallel.tp > 1:
-            raise ConfigError("method", "LoRA with tensor parallelism (parallel.tp > 1) is not supported; use tp=1")
 
 
 def prepare(cfg: DPOConfig, env: DistEnv) -> PreparedFineTuning:

@@ -67,19 +67,19 @@ class SFTExportConfig:
 
 
 @dataclass(frozen=True)
-class SFTConfig(StageConfig):
-    """``conf/sft.yaml``."""
+class FineTuningConfig(StageConfig):
+    """The sections SFT and DPO share: the model to start from, how to render chats, which weights
+    train (``method``, ``lora``), kernels and the export."""
 
     #: the Hugging Face directory to fine-tune (a tanuki export or a supported checkpoint)
     init: str
-    data: SFTDataConfig = field(default_factory=SFTDataConfig)
-    #: chat template: auto (the model's own chat template, any Jinja template; alpaca_ja when the tokenizer
-    #: has none) | alpaca_ja | llmjp | tulu (a named one is written into the exported tokenizer's config)
+    #: chat template: auto (the model's own chat template, any Jinja template; SFT falls back to alpaca_ja
+    #: when the tokenizer has none) | alpaca_ja | llmjp | tulu (a named one is written into the exported
+    #: tokenizer's config)
     template: str = AUTO
+    #: full (every weight trains) | lora (adapters on a frozen base) | lisa (SFT only: sampled layers)
     method: Literal["full", "lora", "lisa"] = "full"
     lora: LoraConfig = field(default_factory=LoraConfig)
-    lisa: LisaConfig = field(default_factory=LisaConfig)
-    train: TrainConfig = field(default_factory=lambda: fine_tuning_train_config(2e-5, 2e-6), kw_only=True)
     #: tokenizer directory; default: the one in ``init``
     tokenizer: Optional[str] = None
     #: kernels of the model: auto (Triton on CUDA) | triton | torch
@@ -90,6 +90,18 @@ class SFTConfig(StageConfig):
         check_template_name(self.template)  # an unknown name fails here, naming the key
         if self.method == "lora" and self.parallel.tp > 1:
             raise ConfigError("method", "LoRA with tensor parallelism (parallel.tp > 1) is not supported; use tp=1")
+
+
+@dataclass(frozen=True)
+class SFTConfig(FineTuningConfig):
+    """``conf/sft.yaml``."""
+
+    data: SFTDataConfig = field(default_factory=SFTDataConfig)
+    lisa: LisaConfig = field(default_factory=LisaConfig)
+    train: TrainConfig = field(default_factory=lambda: fine_tuning_train_config(2e-5, 2e-6), kw_only=True)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
         if self.method == "lisa" and self.parallel.zero_stage != 0:
             raise ConfigError(
                 "parallel.zero_stage",
@@ -103,7 +115,7 @@ class SFTConfig(StageConfig):
 class PreparedFineTuning:
     """A fine-tuning stage's config (SFT or DPO) after its start-up checks."""
 
-    cfg: StageConfig
+    cfg: FineTuningConfig
     model: ModelConfig
     tokenizer_dir: str
     grad_accumulation: int
